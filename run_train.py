@@ -1,0 +1,703 @@
+"""Train the hybrid ViT on CIFAR-10 with Accelerate.
+
+    accelerate launch run_train.py --config default.yaml        # one GPU, many, or the CPU
+    python run_train.py --config configs/cpu.yaml --dataset_name ../shared/data/cifar10
+
+Settings come from default.yaml; `--config FILE` layers a file of overrides on top and
+any `--key value` overrides one setting. Unknown keys and bad values stop the run before
+anything is written. The output folder ends up a complete Hub model folder (the best
+model by validation accuracy) plus a model card, all_results.json, train_config.yaml,
+training_log.json and checkpoints/step_N folders for exact resumption.
+"""
+
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().with_name("default.yaml")
+SECTIONS = ("model", "data", "training")
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+class SettingsError(ValueError):
+    """A bad command line or config file; the message is one line for the user."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message says what is intact."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"config file not found: {path}")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SettingsError(f"cannot parse {path}: {str(error).splitlines()[0]}") from error
+    if not isinstance(content, dict) or not all(isinstance(v, dict) for v in content.values()):
+        raise SettingsError(f"{path} must map sections ({', '.join(SECTIONS)}) to settings")
+    return content
+
+
+def coerce(key: str, value, default):
+    """Convert `value` (parsed YAML, or a command-line string) to the type of `default`;
+    `validate` then checks the range."""
+    if value is None:
+        return None
+    if default is None:  # free-typed setting (e.g. max_train_samples: null): read a number if it is one
+        for kind in (int, float):
+            try:
+                return kind(value) if isinstance(value, str) else value
+            except ValueError:
+                continue
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, bool):
+            return value
+        raise SettingsError(f"--{key} expects true or false, got {value!r}")
+    if isinstance(default, (int, float)):
+        kind = type(default)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return kind(float(value)) if kind is float else int(value)
+            except ValueError:
+                pass
+        raise SettingsError(f"--{key} expects {'a number' if kind is float else 'an integer'}, got {value!r}")
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [item for item in value.replace("[", "").replace("]", "").split(",") if item.strip()]
+        if isinstance(value, list):
+            return [coerce(key, item, default[0]) for item in value] if default else value
+        raise SettingsError(f"--{key} expects a list like 64,128, got {value!r}")
+    return value  # strings, and settings like checkpointing_steps that also take an integer
+
+
+def parse_command_line(argv) -> list[tuple[str, str]]:
+    """`--key value`, `--key=value` and bare `--flag` (true) as (key, text) pairs."""
+    pairs, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        if not token.startswith("--") or token == "--":
+            raise SettingsError(f"unexpected argument {token!r}; settings are given as --key value")
+        key, equals, text = token[2:].partition("=")
+        if not equals:
+            if index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+                text, index = argv[index + 1], index + 1
+            else:
+                text = "true"
+        pairs.append((key.replace("-", "_"), text))
+        index += 1
+    return pairs
+
+
+def load_settings(argv=None, default_path=DEFAULT_CONFIG) -> dict:
+    """default.yaml, then each --config file, then --key value overrides, validated."""
+    defaults = read_yaml(default_path)
+    settings = {section: dict(defaults.get(section, {})) for section in SECTIONS}
+    section_of = {key: section for section in SECTIONS for key in settings[section]}
+    pairs = parse_command_line(sys.argv[1:] if argv is None else argv)
+
+    for key, text in pairs:
+        if key != "config":
+            continue
+        for section, values in read_yaml(text).items():
+            if section not in SECTIONS:
+                raise SettingsError(f"{text}: unknown section {section!r} (expected {', '.join(SECTIONS)})")
+            for name, value in values.items():
+                if name not in settings[section]:
+                    raise SettingsError(f"{text}: unknown setting {section}.{name} (not in {default_path.name})")
+                settings[section][name] = coerce(name, value, defaults[section][name])
+
+    for key, text in pairs:
+        if key == "config":
+            continue
+        if key not in section_of:
+            raise SettingsError(f"unknown setting --{key} (not in {default_path.name})")
+        section = section_of[key]
+        value = None if text.lower() == "null" else text
+        settings[section][key] = coerce(key, value, defaults[section][key])
+    validate(settings)
+    return settings
+
+
+def _check(condition: bool, key: str, expectation: str, value):
+    if not condition:
+        raise SettingsError(f"--{key} must be {expectation}, got {value!r}")
+
+
+def validate(settings: dict):
+    from transformers import SchedulerType
+
+    from cifar10_data import AUTO_AUGMENT_CHOICES
+    from configuration_hybrid_vit import HybridViTConfig
+
+    data, train = settings["data"], settings["training"]
+
+    def positive_int_or_none(key, section):
+        value = section[key]
+        _check(value is None or (isinstance(value, int) and value > 0), key, "a positive integer or null", value)
+
+    _check(isinstance(data["dataset_name"], str) and data["dataset_name"], "dataset_name", "a Hub id or a folder", data["dataset_name"])
+    _check(0 < data["train_val_split"] < 1, "train_val_split", "in (0, 1)", data["train_val_split"])
+    positive_int_or_none("max_train_samples", data)
+    positive_int_or_none("max_eval_samples", data)
+    _check(data["auto_augment"] in AUTO_AUGMENT_CHOICES, "auto_augment", f"one of {AUTO_AUGMENT_CHOICES}", data["auto_augment"])
+    _check(data["random_crop_padding"] >= 0, "random_crop_padding", ">= 0", data["random_crop_padding"])
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        _check(data[key] >= 0, key, ">= 0", data[key])
+    for key in ("mix_prob", "mix_switch_prob"):
+        _check(0 <= data[key] <= 1, key, "in [0, 1]", data[key])
+    _check(0 <= data["label_smoothing"] < 1, "label_smoothing", "in [0, 1)", data["label_smoothing"])
+    _check(data["dataloader_num_workers"] >= 0, "dataloader_num_workers", ">= 0", data["dataloader_num_workers"])
+
+    _check(isinstance(train["output_dir"], str) and train["output_dir"], "output_dir", "a folder", train["output_dir"])
+    _check(train["num_train_epochs"] > 0, "num_train_epochs", "> 0", train["num_train_epochs"])
+    positive_int_or_none("max_train_steps", train)
+    _check(train["max_train_minutes"] is None or float(train["max_train_minutes"]) > 0, "max_train_minutes", "> 0 or null", train["max_train_minutes"])
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        _check(isinstance(train[key], int) and train[key] > 0, key, "a positive integer", train[key])
+    _check(train["learning_rate"] > 0, "learning_rate", "> 0", train["learning_rate"])
+    _check(train["weight_decay"] >= 0, "weight_decay", ">= 0", train["weight_decay"])
+    for key in ("adam_beta1", "adam_beta2", "warmup_ratio"):
+        _check(0 <= train[key] < 1, key, "in [0, 1)", train[key])
+    _check(train["max_grad_norm"] >= 0, "max_grad_norm", ">= 0", train["max_grad_norm"])
+    schedulers = [s.value for s in SchedulerType]
+    _check(train["lr_scheduler_type"] in schedulers, "lr_scheduler_type", f"one of {schedulers}", train["lr_scheduler_type"])
+    _check(train["mixed_precision"] in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16", train["mixed_precision"])
+    steps = train["checkpointing_steps"]
+    if isinstance(steps, str) and steps.isdigit():
+        steps = train["checkpointing_steps"] = int(steps)
+    _check(steps is None or steps == "epoch" or (isinstance(steps, int) and steps > 0), "checkpointing_steps", "a positive integer, epoch or null", steps)
+    positive_int_or_none("checkpoints_total_limit", train)
+    _check(train["report_to"] in ("tensorboard", "none"), "report_to", "tensorboard or none", train["report_to"])
+    _check(not train["push_to_hub"] or bool(train["hub_model_id"]), "hub_model_id", "set when --push_to_hub is true", train["hub_model_id"])
+    try:
+        HybridViTConfig(**settings["model"])
+    except (ValueError, TypeError) as error:
+        raise SettingsError(f"invalid model setting: {error}") from None
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def list_checkpoints(output_dir) -> tuple[list[Path], list[Path]]:
+    """Complete checkpoints sorted by step, and incomplete ones (cut short by a crash)."""
+    folder = Path(output_dir) / "checkpoints"
+    if not folder.is_dir():
+        return [], []
+    complete, incomplete = [], []
+    for path in folder.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and (path / "trainer_state.json").is_file():
+            complete.append(path)
+        elif path.name.startswith("step_"):
+            incomplete.append(path)
+    complete.sort(key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+    return complete, incomplete
+
+
+def resolve_resume_path(resume, output_dir, log) -> Path | None:
+    if resume is None:
+        return None
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise SettingsError(f"--resume_from_checkpoint {resume} is not a complete checkpoint (no trainer_state.json)")
+        return path
+    complete, incomplete = list_checkpoints(output_dir)
+    for path in incomplete:
+        log(f"ignoring incomplete checkpoint {path} (cut short when a run stopped)")
+    if not complete:
+        log(f"no complete checkpoint in {Path(output_dir) / 'checkpoints'}; starting from scratch")
+        return None
+    return complete[-1]
+
+
+def save_checkpoint(accelerator, output_dir, step, state, limit, log):
+    """accelerator.save_state into step_N.incomplete, then rename: a folder named step_N
+    is always complete, so `latest` can never pick a half-written one."""
+    folder = Path(output_dir) / "checkpoints"
+    final, staging = folder / f"step_{step}", folder / f"step_{step}{INCOMPLETE_SUFFIX}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging), safe_serialization=True)
+    if accelerator.is_main_process:
+        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        complete, _ = list_checkpoints(output_dir)
+        for old in complete[: -limit] if limit else []:
+            shutil.rmtree(old, ignore_errors=True)
+        log(f"saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+
+
+def save_best_model(model, output_dir):
+    """Write the Hub folder into a staging folder, then move each file into place."""
+    from modeling_hybrid_vit import save_model_and_processor
+
+    staging = Path(output_dir) / f".best{INCOMPLETE_SUFFIX}"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model_and_processor(model, staging)
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == "model.safetensors"):
+        os.replace(path, Path(output_dir) / path.name)
+    staging.rmdir()
+
+
+def check_output_dir_writable(output_dir):
+    """Fail now, not after an hour of training."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise SettingsError(f"output folder {output_dir} is not writable: {error.strerror or error}") from None
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def hardware_description(accelerator) -> str:
+    if torch.cuda.is_available():
+        return f"{accelerator.num_processes} x {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{accelerator.num_processes} process(es) on CPU: {cpu}, {os.cpu_count()} cores"
+
+
+def parameter_groups(model, weight_decay):
+    """AdamW groups: no weight decay on norms, biases, position embeddings or the CLS token."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = parameter.ndim <= 1 or name.endswith(("position_embeddings", "cls_token"))
+        (no_decay if exempt else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def evaluate(model, dataloader, accelerator) -> dict:
+    """Validation loss and accuracy; gather_for_metrics drops the samples that
+    distributed sampling duplicates, so each image counts exactly once."""
+    import torch.nn.functional as F
+
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    with torch.no_grad():
+        for batch in dataloader:
+            logits = model(pixel_values=batch["pixel_values"]).logits
+            losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+            predictions, labels, losses = accelerator.gather_for_metrics(
+                (logits.argmax(-1), batch["labels"], losses)
+            )
+            correct += (predictions == labels).sum().item()
+            total += labels.numel()
+            loss_sum += losses.sum().item()
+    model.train()
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
+
+
+def write_model_card(output_dir, settings, results, hardware, command, label_names):
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    data, train = settings["data"], settings["training"]
+    name = train["hub_model_id"] or Path(output_dir).name
+    eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=data["dataset_name"],
+            dataset_name=data["dataset_name"],
+            dataset_split=split,
+            metric_type="accuracy",
+            metric_value=round(results[key], 4),
+        )
+        for split, key in (("validation", "eval_accuracy"), ("test", "test_accuracy"))
+        if results.get(key) is not None
+    ]
+    card_data = ModelCardData(
+        model_name=name,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        license="apache-2.0",
+        tags=["image-classification", "vision", "hybrid-vit", "cifar10"],
+        datasets=[data["dataset_name"]] if "/" in data["dataset_name"] and not Path(data["dataset_name"]).exists() else None,
+        metrics=["accuracy"],
+        eval_results=eval_results,
+    )
+    test_line = (
+        f"| test accuracy | {results['test_accuracy']:.4f} |\n" if results.get("test_accuracy") is not None else ""
+    )
+    body = f"""
+# {name}
+
+A hybrid Vision Transformer (convolutional stem + transformer encoder) trained on
+`{data['dataset_name']}` with the hybrid-vit-cifar10 project's `run_train.py`.
+
+| metric | value |
+| --- | --- |
+| validation accuracy (best epoch, {results['eval_samples']} held-out training images) | {results['eval_accuracy']:.4f} |
+{test_line}| epochs | {results['epochs']:.2f} |
+| optimisation steps | {results['steps']} |
+| training time | {results['train_seconds'] / 60:.1f} min |
+| training throughput | {results['train_samples_per_second']:.0f} images/s |
+| parameters | {results['num_parameters']:,} |
+
+Validation images are a stratified, seeded {data['train_val_split']:.0%} of the training split
+when the dataset has no validation split; nothing was tuned on the test split.
+
+- Hardware: {hardware}
+- Command: `{command}`
+- Classes: {", ".join(label_names)}
+
+## Use
+
+```python
+from transformers import pipeline
+classify = pipeline("image-classification", model="{name}", trust_remote_code=True)
+classify("image.png")
+```
+
+`output_attentions=True` returns one attention map per layer, `(batch, heads, tokens + 1, tokens + 1)`.
+
+## Training settings
+
+```yaml
+{yaml.safe_dump(settings, sort_keys=False).strip()}
+```
+"""
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+    card.save(Path(output_dir) / "README.md")
+
+
+def train(settings: dict, command: str) -> dict:
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import is_tensorboard_available, set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    import cifar10_data
+    from configuration_hybrid_vit import HybridViTConfig
+    from modeling_hybrid_vit import HybridViTForImageClassification, classification_loss
+
+    data, train_cfg = settings["data"], settings["training"]
+    output_dir = train_cfg["output_dir"]
+    report_to = train_cfg["report_to"]
+    if report_to == "tensorboard" and not is_tensorboard_available():
+        print("tensorboard is not installed; metrics go to training_log.json only", file=sys.stderr)
+        report_to = "none"
+    try:
+        accelerator = Accelerator(
+            mixed_precision=train_cfg["mixed_precision"],
+            gradient_accumulation_steps=train_cfg["gradient_accumulation_steps"],
+            log_with=None if report_to == "none" else report_to,
+            project_dir=output_dir,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+    except ValueError as error:
+        raise SettingsError(f"--mixed_precision {train_cfg['mixed_precision']}: {error}") from None
+
+    def log(message):
+        if accelerator.is_main_process:
+            tqdm.write(message, file=sys.stderr)
+
+    seed = train_cfg["seed"]
+    set_seed(seed)
+    with accelerator.main_process_first():
+        splits, image_column, label_column = cifar10_data.load_splits(
+            data["dataset_name"],
+            data["train_val_split"],
+            seed,
+            data["max_train_samples"],
+            data["max_eval_samples"],
+        )
+    label_names = splits["train"].features[label_column].names
+    resume_path = resolve_resume_path(train_cfg["resume_from_checkpoint"], output_dir, log)
+    if accelerator.is_main_process:
+        check_output_dir_writable(output_dir)
+    accelerator.wait_for_everyone()
+
+    config = HybridViTConfig(
+        **settings["model"],
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
+    model = HybridViTForImageClassification(config)
+    num_parameters = model.num_parameters()
+
+    image_size = config.image_size
+    train_transform = cifar10_data.ImageTransform(
+        cifar10_data.train_transform(image_size, data["auto_augment"], data["random_crop_padding"], data["horizontal_flip"]),
+        image_column,
+        label_column,
+        data["skip_bad_images"],
+        seed=seed,
+    )
+    eval_transform = cifar10_data.ImageTransform(
+        cifar10_data.eval_transform(image_size), image_column, label_column, data["skip_bad_images"]
+    )
+    train_collator = cifar10_data.MixCollator(
+        len(label_names), data["mixup_alpha"], data["cutmix_alpha"], data["mix_prob"], data["mix_switch_prob"], seed=seed
+    )
+    eval_collator = cifar10_data.MixCollator(len(label_names))
+    workers = data["dataloader_num_workers"]
+    train_dataloader = DataLoader(
+        cifar10_data.with_image_transform(splits["train"], train_transform),
+        batch_size=train_cfg["per_device_train_batch_size"],
+        shuffle=True,
+        drop_last=True,
+        collate_fn=train_collator,
+        num_workers=workers,
+    )
+    eval_dataloaders = {
+        name: DataLoader(
+            cifar10_data.with_image_transform(splits[name], eval_transform),
+            batch_size=train_cfg["per_device_eval_batch_size"],
+            collate_fn=eval_collator,
+            num_workers=workers,
+        )
+        for name in ("validation", "test")
+        if name in splits
+    }
+    if len(train_dataloader) == 0:
+        raise SettingsError(
+            f"the training split has {len(splits['train'])} images, fewer than one batch "
+            f"(--per_device_train_batch_size {train_cfg['per_device_train_batch_size']})"
+        )
+
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, train_cfg["weight_decay"]),
+        lr=train_cfg["learning_rate"],
+        betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]),
+    )
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    eval_dataloaders = {name: accelerator.prepare(loader) for name, loader in eval_dataloaders.items()}
+
+    accumulation = train_cfg["gradient_accumulation_steps"]
+    steps_per_epoch = math.ceil(len(train_dataloader) / accumulation)
+    max_train_steps = train_cfg["max_train_steps"] or int(train_cfg["num_train_epochs"] * steps_per_epoch)
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # The prepared scheduler steps once per process per optimisation step (Accelerate's
+    # convention, as in the transformers no_trainer examples).
+    scheduler = get_scheduler(
+        train_cfg["lr_scheduler_type"],
+        optimizer=optimizer,
+        num_warmup_steps=round(train_cfg["warmup_ratio"] * max_train_steps) * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    scheduler = accelerator.prepare(scheduler)
+
+    completed_steps, train_seconds, best_accuracy, history, skipped = 0, 0.0, -1.0, [], 0
+    if resume_path is not None:
+        log(f"resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        state = json.loads((resume_path / "trainer_state.json").read_text())
+        completed_steps, train_seconds = state["step"], state["train_seconds"]
+        best_accuracy, history, skipped = state["best_eval_accuracy"], state["history"], state["num_skipped_images"]
+    if report_to != "none":
+        flat = {k: str(v) if isinstance(v, list) or v is None else v for s in settings.values() for k, v in s.items()}
+        accelerator.init_trackers("tensorboard", config=flat)
+
+    def trainer_state():
+        return {
+            "step": completed_steps,
+            "train_seconds": train_seconds,
+            "best_eval_accuracy": best_accuracy,
+            "history": history,
+            "num_skipped_images": skipped,
+        }
+
+    batch_images = train_cfg["per_device_train_batch_size"] * accelerator.num_processes
+    max_seconds = None if train_cfg["max_train_minutes"] is None else 60 * float(train_cfg["max_train_minutes"])
+    checkpointing = train_cfg["checkpointing_steps"]
+    limit = train_cfg["checkpoints_total_limit"]
+    log(
+        f"{len(splits['train'])} training images, {len(splits['validation'])} validation"
+        + (f", {len(splits['test'])} test" if "test" in splits else "")
+        + f"; {num_parameters:,} parameters; {max_train_steps} steps of {batch_images * accumulation} images"
+    )
+    progress = tqdm(
+        total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train"
+    )
+    time_up = False
+    run_images, run_seconds = 0, 0.0
+    start_epoch = completed_steps // steps_per_epoch
+    for epoch in range(start_epoch, num_epochs):
+        if completed_steps >= max_train_steps or time_up:
+            break
+        train_dataloader.set_epoch(epoch)
+        train_transform.epoch = train_collator.epoch = epoch
+        skip = (completed_steps - epoch * steps_per_epoch) * accumulation
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        model.train()
+        tick = time.perf_counter()
+        for micro_step, batch in enumerate(batches, start=skip):
+            skipped_here = int(batch.pop("num_skipped"))
+            # Dropout and stochastic depth draw from a generator seeded by the step, not
+            # from a global RNG that DataLoader iterators and evaluations also consume:
+            # that is what lets a resumed run repeat the uninterrupted one exactly.
+            torch.manual_seed(cifar10_data.sample_seed(seed, epoch, micro_step, accelerator.process_index))
+            with accelerator.accumulate(model):
+                logits = model(pixel_values=batch["pixel_values"]).logits
+                loss = classification_loss(logits, batch["labels"], data["label_smoothing"])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    elapsed = train_seconds + time.perf_counter() - tick
+                    flags = torch.tensor(
+                        [float(not torch.isfinite(loss.detach())), float(max_seconds is not None and elapsed >= max_seconds)],
+                        device=accelerator.device,
+                    )
+                    if accelerator.num_processes > 1:  # every process must stop on the same step
+                        flags = accelerator.reduce(flags, reduction="sum")
+                    if flags[0] > 0:
+                        progress.close()
+                        last = list_checkpoints(output_dir)[0]
+                        raise TrainingError(
+                            f"the loss became {loss.item()} at step {completed_steps + 1}; stopped without updating. "
+                            f"Intact: the last checkpoint ({last[-1] if last else 'none'}) and the best model in "
+                            f"{output_dir} ({'none yet' if best_accuracy < 0 else f'accuracy {best_accuracy:.4f}'}). "
+                            "Try a lower --learning_rate or --mixed_precision no."
+                        )
+                    time_up = bool(flags[1] > 0)
+                    if train_cfg["max_grad_norm"] > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), train_cfg["max_grad_norm"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            skipped += skipped_here
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            now = time.perf_counter()
+            train_seconds += now - tick
+            run_seconds += now - tick
+            run_images += batch_images * accumulation
+            tick = now
+            progress.update(1)
+            if completed_steps % train_cfg["logging_steps"] == 0 or completed_steps == max_train_steps:
+                lr = scheduler.get_last_lr()[0]
+                loss_value = accelerator.reduce(loss.detach(), "mean").item()
+                progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{run_images / max(run_seconds, 1e-9):.0f}")
+                history.append({"step": completed_steps, "epoch": completed_steps / steps_per_epoch, "train_loss": loss_value, "learning_rate": lr})
+                accelerator.log({"train/loss": loss_value, "train/learning_rate": lr}, step=completed_steps)
+            if isinstance(checkpointing, int) and completed_steps % checkpointing == 0:
+                save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log)
+            tick = time.perf_counter()
+            if completed_steps >= max_train_steps or time_up:
+                break
+
+        metrics = evaluate(model, eval_dataloaders["validation"], accelerator)
+        entry = {"step": completed_steps, "epoch": completed_steps / steps_per_epoch, "train_seconds": train_seconds}
+        entry.update({f"eval_{k}": v for k, v in metrics.items()})
+        history.append(entry)
+        accelerator.log({"eval/accuracy": metrics["accuracy"], "eval/loss": metrics["loss"]}, step=completed_steps)
+        log(f"epoch {entry['epoch']:.2f}: validation accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+        if metrics["accuracy"] > best_accuracy:
+            best_accuracy = metrics["accuracy"]
+            if accelerator.is_main_process:
+                save_best_model(accelerator.unwrap_model(model), output_dir)
+            accelerator.wait_for_everyone()
+        if checkpointing == "epoch" or (time_up and checkpointing is not None):
+            save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log)
+    progress.close()
+
+    # The folder holds the best model: evaluate that one, once, on test.
+    from safetensors.torch import load_file
+
+    unwrapped = accelerator.unwrap_model(model)
+    best_file = Path(output_dir) / "model.safetensors"
+    if best_file.is_file():
+        unwrapped.load_state_dict(load_file(best_file))
+    elif accelerator.is_main_process:  # resumed at the very end, before any evaluation was saved
+        save_best_model(unwrapped, output_dir)
+    best = evaluate(model, eval_dataloaders["validation"], accelerator)
+    results = {
+        "eval_accuracy": best["accuracy"],
+        "eval_loss": best["loss"],
+        "eval_samples": best["samples"],
+        "test_accuracy": None,
+        "epochs": completed_steps / steps_per_epoch,
+        "steps": completed_steps,
+        "train_seconds": train_seconds,
+        "train_samples_per_second": run_images / max(run_seconds, 1e-9),
+        "stopped_by_time_limit": time_up,
+        "num_skipped_images": skipped,
+        "num_parameters": num_parameters,
+        "hardware": hardware_description(accelerator),
+    }
+    if "test" in eval_dataloaders:
+        test = evaluate(model, eval_dataloaders["test"], accelerator)
+        results.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_samples=test["samples"])
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        out = Path(output_dir)
+        (out / "all_results.json").write_text(json.dumps(results, indent=2))
+        (out / "train_config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        (out / "training_log.json").write_text(json.dumps(history, indent=2))
+        write_model_card(output_dir, settings, results, results["hardware"], command, label_names)
+        log(
+            f"validation accuracy {results['eval_accuracy']:.4f}"
+            + (f", test accuracy {results['test_accuracy']:.4f}" if results["test_accuracy"] is not None else "")
+            + f"; {results['train_seconds'] / 60:.1f} min, {results['train_samples_per_second']:.0f} images/s; saved to {output_dir}"
+        )
+        if train_cfg["push_to_hub"]:
+            push_to_hub(output_dir, train_cfg["hub_model_id"])
+    return results
+
+
+def push_to_hub(output_dir, repo_id):
+    from huggingface_hub import create_repo, upload_folder
+
+    create_repo(repo_id, exist_ok=True)
+    upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoints/*", f"*{INCOMPLETE_SUFFIX}*"])
+
+
+def one_line(error: Exception) -> str:
+    """The user's message, also when a DataLoader worker re-raised it with its traceback."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    return re.sub(r"^[\w.]*(DataError|SettingsError|TrainingError): ", "", lines[-1])
+
+
+def main(argv=None) -> int:
+    from cifar10_data import DataError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        settings = load_settings(argv)
+        train(settings, command="python run_train.py " + " ".join(argv))
+    except (SettingsError, DataError, TrainingError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1 if isinstance(error, TrainingError) else 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""run_train.py end to end on tiny in-memory datasets: the output folder, exact resume,
+the time limit, two processes, augmentation, and clear errors that leave nothing behind."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cifar10_data
+import run_train
+from tests.conftest import PROJECT_ROOT, SHARED_CIFAR10, TINY_MODEL, make_image_dataset, run_isolated
+
+TINY_ARGS = [f"--{key}={','.join(map(str, value)) if isinstance(value, list) else value}" for key, value in TINY_MODEL.items()]
+FAST_ARGS = [
+    "--per_device_train_batch_size=4",
+    "--per_device_eval_batch_size=8",
+    "--dataloader_num_workers=0",
+    "--mixed_precision=no",
+    "--report_to=none",
+    "--logging_steps=1",
+    "--learning_rate=3e-3",
+]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("hf_cache")
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(cache),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory):
+    """Parquet files like the shared CIFAR-10 copy: 30 training images of 3 classes, and a
+    test split of 9, so the run must carve a validation split and report test separately."""
+    folder = tmp_path_factory.mktemp("tiny_cifar")
+    make_image_dataset(num_per_class=10, seed=0).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    make_image_dataset(num_per_class=3, seed=1).to_parquet(str(folder / "test-00000-of-00001.parquet"))
+    return folder
+
+
+def train(args, env, cwd=PROJECT_ROOT, launcher=None, timeout=600):
+    command = (launcher or [sys.executable]) + [str(PROJECT_ROOT / "run_train.py")] + args
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def base_args(dataset_dir, output_dir, *extra):
+    return ["--dataset_name", str(dataset_dir), "--output_dir", str(output_dir), "--train_val_split=0.2", *TINY_ARGS, *FAST_ARGS, *extra]
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_short_run_writes_a_folder_a_fresh_process_loads(dataset_dir, tmp_path, env):
+    out = tmp_path / "run"
+    result = train(base_args(dataset_dir, out, "--num_train_epochs=2"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_hybrid_vit.py",
+            "configuration_hybrid_vit.py", "README.md", "all_results.json", "train_config.yaml",
+            "training_log.json"} <= files
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_samples"] == 6  # 20% of 30, stratified
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert results["test_samples"] == 9 and results["test_accuracy"] is not None
+    assert results["steps"] == 2 * (24 // 4) and results["train_samples_per_second"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "class_0", "1": "class_1", "2": "class_2"}
+    assert config.get("problem_type") is None  # soft-label training must not turn it into multi-label
+    resolved = run_train.yaml.safe_load((out / "train_config.yaml").read_text())
+    assert resolved["training"]["learning_rate"] == 3e-3 and resolved["model"]["hidden_size"] == 16
+    card = (out / "README.md").read_text()
+    assert "model-index" in card and "accuracy" in card and "Hardware" in card and "run_train.py" in card
+    log = json.loads((out / "training_log.json").read_text())
+    assert [entry["epoch"] for entry in log if "eval_accuracy" in entry] == [1.0, 2.0]
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    loaded = run_isolated(
+        f"""
+        import torch
+        from transformers import AutoModelForImageClassification, pipeline
+        from PIL import Image
+        model = AutoModelForImageClassification.from_pretrained({str(out)!r}, trust_remote_code=True)
+        classify = pipeline("image-classification", model={str(out)!r}, trust_remote_code=True)
+        print(classify(Image.new("RGB", (16, 16), (0, 80, 30)))[0]["label"])
+        """,
+        cwd=work,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.strip().splitlines()[-1] in {"class_0", "class_1", "class_2"}
+
+
+def test_the_same_seed_gives_the_same_weights_and_resume_is_exact(dataset_dir, tmp_path, env):
+    """10 steps straight equal 6 steps plus a resume to 10. Step 6 is mid-epoch (6 steps per
+    epoch would make it a boundary: 24 images / 4 = 6, so use batch 5 -> 4 steps per epoch),
+    with AutoAugment, MixUp/CutMix and stochastic depth all drawing random numbers."""
+    args = ["--max_train_steps=10", "--checkpointing_steps=2", "--checkpoints_total_limit=null",
+            "--per_device_train_batch_size=5", "--drop_path_rate=0.2", "--hidden_dropout_prob=0.1"]
+    straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
+    for out in (straight, again):
+        result = train(base_args(dataset_dir, out, *args), env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(weights(straight), weights(again))
+    assert_same_weights(weights(straight / "checkpoints/step_10"), weights(again / "checkpoints/step_10"))
+
+    # k = 6 steps from a run of its own, then resume to 10 in that folder.
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints/step_6", resumed / "checkpoints/step_6")
+    result = train(base_args(dataset_dir, resumed, *args, "--resume_from_checkpoint=latest"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    final_straight = weights(straight / "checkpoints/step_10")
+    assert_same_weights(weights(resumed / "checkpoints/step_10"), final_straight)
+    # And the run did move the weights: the check above is not comparing two untouched models.
+    assert not torch.equal(weights(straight / "checkpoints/step_2")["classifier.weight"], final_straight["classifier.weight"])
+
+
+def test_checkpoint_limit_and_incomplete_checkpoints_are_never_latest(dataset_dir, tmp_path, env):
+    out = tmp_path / "run"
+    result = train(base_args(dataset_dir, out, "--max_train_steps=6", "--checkpointing_steps=2", "--checkpoints_total_limit=2"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_4", "step_6"]
+
+    # A checkpoint cut short (written under its temporary name, or missing its state file)
+    # is reported and skipped by `latest`.
+    shutil.copytree(out / "checkpoints/step_6", out / "checkpoints/step_8.incomplete")
+    shutil.copytree(out / "checkpoints/step_6", out / "checkpoints/step_9")
+    (out / "checkpoints/step_9/trainer_state.json").unlink()
+    complete, incomplete = run_train.list_checkpoints(out)
+    assert [p.name for p in complete] == ["step_4", "step_6"]
+    assert sorted(p.name for p in incomplete) == ["step_8.incomplete", "step_9"]
+    messages = []
+    assert run_train.resolve_resume_path("latest", out, messages.append).name == "step_6"
+    assert any("step_8.incomplete" in m for m in messages) and any("step_9" in m for m in messages)
+
+
+def test_max_train_minutes_stops_the_run_and_still_saves(dataset_dir, tmp_path, env):
+    out = tmp_path / "run"
+    result = train(base_args(dataset_dir, out, "--max_train_steps=100000", "--max_train_minutes=0.0005"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["stopped_by_time_limit"] is True
+    assert 1 <= results["steps"] < 100
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    assert results["eval_samples"] == 6
+
+
+def test_two_processes_count_every_validation_image_once(tmp_path, env):
+    # 13 validation images do not split evenly over 2 processes x batch 4: the sampler pads,
+    # gather_for_metrics must drop the duplicates.
+    folder = tmp_path / "data"
+    make_image_dataset(num_per_class=13, seed=3).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    out = tmp_path / "run"
+    # Accelerate's `--cpu --num_processes 2` starts a single process unless mpirun is set up
+    # (its simple launcher); torchrun's launcher with ACCELERATE_USE_CPU gives two over gloo.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+    args = base_args(folder, out, "--num_train_epochs=1", "--per_device_eval_batch_size=4")
+    args[args.index("--train_val_split=0.2")] = "--train_val_split=0.3333"
+    result = train(args, {**env, "ACCELERATE_USE_CPU": "1"}, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_samples"] == 13
+    assert round(results["eval_accuracy"] * 13, 6) == int(round(results["eval_accuracy"] * 13))
+    assert "2 process(es)" in results["hardware"]
+
+
+def test_mixup_and_cutmix_give_soft_labels_that_sum_to_one():
+    rows = [{"pixel_values": torch.randn(3, 8, 8), "labels": i % 5, "__index__": i} for i in range(6)]
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+        batch = cifar10_data.MixCollator(5, mixup_alpha=mixup, cutmix_alpha=cutmix, mix_prob=1.0, seed=0)(rows)
+        assert batch["labels"].shape == (6, 5) and batch["labels"].dtype == torch.float32
+        torch.testing.assert_close(batch["labels"].sum(-1), torch.ones(6))
+        assert (batch["labels"] < 1).any()  # really mixed
+    plain = cifar10_data.MixCollator(5, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=0.0)(rows)
+    assert plain["labels"].tolist() == [0, 1, 2, 3, 4, 0]
+    # Seeded: the same batch in the same epoch is mixed the same way, another epoch differently.
+    a = cifar10_data.MixCollator(5, mixup_alpha=0.8, seed=0)(rows)["labels"]
+    b = cifar10_data.MixCollator(5, mixup_alpha=0.8, seed=0)(rows)["labels"]
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("policy", ["autoaugment", "randaugment", "trivialaugment", "none"])
+def test_train_transform_keeps_shape_and_normalises(policy):
+    from PIL import Image
+
+    transform = cifar10_data.train_transform(32, policy, 4, True)
+    out = transform(Image.new("RGB", (32, 32), (125, 123, 114)))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    # The CIFAR-10 mean colour normalises to about zero (flip, crop and most policies keep it).
+    if policy == "none":
+        assert out.abs().max() < 0.05
+
+
+def test_validation_split_is_stratified_and_seeded(dataset_dir):
+    splits, image, label = cifar10_data.load_splits(str(dataset_dir), 0.2, seed=7)
+    assert (image, label) == ("img", "label")
+    assert sorted(splits["validation"]["label"]) == [0, 0, 1, 1, 2, 2]
+    again, _, _ = cifar10_data.load_splits(str(dataset_dir), 0.2, seed=7)
+    assert splits["validation"]["label"] == again["validation"]["label"]
+    assert len(splits["test"]) == 9
+
+
+def test_settings_override_and_layer(tmp_path):
+    overlay = tmp_path / "over.yaml"
+    overlay.write_text("training:\n  learning_rate: 0.01\n  num_train_epochs: 3\nmodel:\n  backbone_hidden_sizes: [32, 64]\n")
+    settings = run_train.load_settings(["--config", str(overlay), "--learning_rate", "1e-3", "--max_train_samples", "200",
+                                        "--horizontal_flip", "false", "--checkpointing_steps", "50"])
+    assert settings["training"]["learning_rate"] == 1e-3  # the command line wins over the file
+    assert settings["training"]["num_train_epochs"] == 3
+    assert settings["model"]["backbone_hidden_sizes"] == [32, 64]
+    assert settings["data"]["max_train_samples"] == 200 and settings["data"]["horizontal_flip"] is False
+    assert settings["training"]["checkpointing_steps"] == 50
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset_name", "/nonexistent/cifar"], "dataset folder not found: /nonexistent/cifar"),
+        (["--no_such_setting", "3"], "unknown setting --no_such_setting"),
+        (["--learning_rate", "fast"], "--learning_rate expects a number, got 'fast'"),
+        (["--learning_rate", "-1"], "--learning_rate must be > 0"),
+        (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
+        (["--hidden_size", "30", "--num_attention_heads", "4"], "`hidden_size` (30) must be divisible"),
+        (["--config", "/nonexistent.yaml"], "config file not found"),
+    ],
+)
+def test_bad_input_exits_with_one_clear_line_and_writes_nothing(dataset_dir, tmp_path, env, extra, message):
+    out = tmp_path / "never"
+    result = train(base_args(dataset_dir, out, "--max_train_steps=2", *extra), env)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_missing_columns_are_named(tmp_path, env):
+    folder = tmp_path / "data"
+    ds = make_image_dataset().rename_column("img", "picture")
+    ds.to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    out = tmp_path / "never"
+    result = train(base_args(folder, out, "--max_train_steps=2"), env)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "image column ('img' or 'image')" in last and "['label', 'picture']" in last
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="../shared/data/cifar10 is not on this machine")
+def test_a_minute_on_2000_real_images_is_well_above_chance(tmp_path, env):
+    out = tmp_path / "run"
+    args = ["--config", str(PROJECT_ROOT / "configs/cpu.yaml"), "--dataset_name", str(SHARED_CIFAR10),
+            "--output_dir", str(out), "--max_train_samples=2000", "--max_eval_samples=1000",
+            "--max_train_minutes=1", "--num_train_epochs=30", "--report_to=none", "--checkpointing_steps=null"]
+    result = train(args, {**env, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_samples"] == 1000
+    assert results["eval_accuracy"] > 0.30, results
