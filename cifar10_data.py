@@ -213,19 +213,157 @@ class MixCollator:
         self.mix = v2.RandomChoice(mixers, p=weights) if mixers and mix_prob > 0 else None
 
     def __call__(self, rows):
-        kept = [row for row in rows if row["pixel_values"] is not None]
-        if not kept:
-            raise DataError(f"every image of a batch of {len(rows)} failed to decode; is the dataset readable?")
-        batch = {
-            "pixel_values": torch.stack([row["pixel_values"] for row in kept]),
-            "labels": torch.tensor([row["labels"] for row in kept], dtype=torch.long),
-            "num_skipped": torch.tensor(len(rows) - len(kept)),
-        }
-        if self.mix is None or len(kept) < 2:
+        if isinstance(rows, dict):  # DecodedImages already returns a stacked batch
+            batch, first_row = dict(rows), rows.pop("__index__")[0]
+            batch.pop("__index__")
+        else:
+            kept = [row for row in rows if row["pixel_values"] is not None]
+            if not kept:
+                raise DataError(f"every image of a batch of {len(rows)} failed to decode; is the dataset readable?")
+            batch = {
+                "pixel_values": torch.stack([row["pixel_values"] for row in kept]),
+                "labels": torch.tensor([row["labels"] for row in kept], dtype=torch.long),
+                "num_skipped": torch.tensor(len(rows) - len(kept)),
+            }
+            first_row = rows[0]["__index__"]
+        if self.mix is None or len(batch["labels"]) < 2:
             return batch
-        with torch.random.fork_rng(devices=[], enabled=self.seed is not None):
+        device = batch["pixel_values"].device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=self.seed is not None):
             if self.seed is not None:
-                torch.manual_seed(sample_seed(self.seed, self.epoch, rows[0]["__index__"], -1))
+                torch.manual_seed(sample_seed(self.seed, self.epoch, first_row, -1))
             if torch.rand(()).item() < self.mix_prob:
                 batch["pixel_values"], batch["labels"] = self.mix(batch["pixel_values"], batch["labels"])
         return batch
+
+
+def decode_all(dataset, image_column: str, label_column: str, image_size: int, skip_bad_images=False, device="cpu"):
+    """Decode every image once into a uint8 tensor (N, 3, H, W) on `device`, with labels (N,)
+    and the number of undecodable images skipped. CIFAR-10's 50,000 images are 150 MB as
+    uint8, so they fit in memory, or on a GPU, and no epoch decodes a JPEG again."""
+    from tqdm.auto import tqdm
+
+    raw = dataset.cast_column(image_column, ImageFeature(decode=False))
+    resize = v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)])
+    images, labels, skipped = [], [], 0
+    for index, row in enumerate(tqdm(raw, desc="decoding images", leave=False, mininterval=2)):
+        try:
+            images.append(resize(decode_image(row[image_column])))
+        except Exception as error:
+            if not skip_bad_images:
+                raise DataError(
+                    f"cannot decode the image at dataset index {index} ({type(error).__name__}: {error}); "
+                    "fix or remove it, or set --skip_bad_images true to skip such images"
+                ) from error
+            skipped += 1
+            continue
+        labels.append(row[label_column])
+    if not images:
+        raise DataError("no image of the dataset could be decoded")
+    return torch.stack(images).to(device), torch.tensor(labels, dtype=torch.long, device=device), skipped
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop (after reflect padding) and horizontal flip of a whole batch
+    (B, C, H, W) in a few tensor ops. Written by hand because torchvision's v2 transforms
+    draw one set of parameters per call, i.e. the same crop for every image of a batch."""
+    B, C, H, W = images.shape
+    device = images.device
+    if padding:
+        padded = torch.nn.functional.pad(images, (padding,) * 4, mode="reflect")  # (B, C, H+2p, W+2p)
+        dy = torch.randint(0, 2 * padding + 1, (B, 1, 1), generator=generator, device=device)
+        dx = torch.randint(0, 2 * padding + 1, (B, 1, 1), generator=generator, device=device)
+        # flat index of each output pixel in its padded image: (B, H, W)
+        index = (dy + torch.arange(H, device=device)[:, None]) * (W + 2 * padding) + dx + torch.arange(W, device=device)
+        index = index.view(B, 1, H * W).expand(B, C, H * W)
+        images = padded.flatten(2).gather(2, index).view(B, C, H, W)
+    if flip:
+        flipped = torch.rand(B, generator=generator, device=device) < 0.5
+        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """Images decoded once (see `decode_all`), served as whole augmented, normalised batches
+    through `__getitems__`, so a DataLoader (and Accelerate's sharding of it) hands out
+    batches without per-image Python work. With the tensors on a GPU, augmentation runs
+    there too. AutoAugment-style policies stay available but run image by image."""
+
+    def __init__(self, images, labels, train=False, random_crop_padding=4, horizontal_flip=True, auto_augment="none", seed=0):
+        self.images, self.labels = images, labels
+        self.train = train
+        self.padding = random_crop_padding
+        self.flip = horizontal_flip
+        self.policy = None if auto_augment == "none" or not train else train_transform(
+            images.shape[-1], auto_augment, 0, False
+        ).transforms[2]
+        self.seed = seed
+        self.epoch = 0
+        device = images.device
+        self.mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitems__(self, indices):
+        index = torch.as_tensor(indices, device=self.images.device)
+        images = self.images[index]  # (B, 3, H, W) uint8
+        if self.train:
+            generator = torch.Generator(device=images.device).manual_seed(sample_seed(self.seed, self.epoch, indices[0]))
+            if self.policy is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, self.epoch, indices[0], 1))
+                    images = torch.stack([self.policy(image) for image in images])
+            images = random_crop_flip(images.float(), self.padding, self.flip, generator)
+        pixel_values = (images.float() - self.mean) / self.std
+        return {
+            "pixel_values": pixel_values,
+            "labels": self.labels[index],
+            "num_skipped": torch.tensor(0),
+            "__index__": list(indices),
+        }
+
+    def __getitem__(self, index):
+        return self.__getitems__([index])
+
+
+def build_datasets(
+    splits,
+    image_column,
+    label_column,
+    image_size=32,
+    seed=0,
+    decode_once=False,
+    device="cpu",
+    auto_augment="autoaugment",
+    random_crop_padding=4,
+    horizontal_flip=True,
+    skip_bad_images=False,
+):
+    """Training and evaluation datasets that yield `pixel_values` and `labels`.
+
+    `decode_once=False`: lazy `datasets` transforms (`with_transform`), decoding and
+    augmenting image by image, in DataLoader workers if asked. `decode_once=True`: every
+    split decoded once into uint8 tensors on `device` (see DecodedImages).
+
+    Returns the datasets by split name, the training augmentation (whose `epoch` the
+    training loop sets, to seed it), and the number of images skipped at decoding."""
+    datasets, skipped = {}, 0
+    if decode_once:
+        for name, split in splits.items():
+            images, labels, bad = decode_all(split, image_column, label_column, image_size, skip_bad_images, device)
+            skipped += bad if name == "train" else 0
+            datasets[name] = DecodedImages(
+                images, labels, train=name == "train", random_crop_padding=random_crop_padding,
+                horizontal_flip=horizontal_flip, auto_augment=auto_augment, seed=seed,
+            )
+        return datasets, datasets["train"], skipped
+    train = ImageTransform(
+        train_transform(image_size, auto_augment, random_crop_padding, horizontal_flip),
+        image_column, label_column, skip_bad_images, seed=seed,
+    )
+    evaluation = ImageTransform(eval_transform(image_size), image_column, label_column, skip_bad_images)
+    for name, split in splits.items():
+        datasets[name] = with_image_transform(split, train if name == "train" else evaluation)
+    return datasets, train, skipped

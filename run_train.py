@@ -419,6 +419,7 @@ def train(settings: dict, command: str) -> dict:
             log_with=None if report_to == "none" else report_to,
             project_dir=output_dir,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            dynamo_backend="inductor" if train_cfg["torch_compile"] else "no",
         )
     except ValueError as error:
         raise SettingsError(f"--mixed_precision {train_cfg['mixed_precision']}: {error}") from None
@@ -450,25 +451,30 @@ def train(settings: dict, command: str) -> dict:
     )
     model = HybridViTForImageClassification(config)
     num_parameters = model.num_parameters()
+    memory_format = torch.channels_last if train_cfg["channels_last"] else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
 
-    image_size = config.image_size
-    train_transform = cifar10_data.ImageTransform(
-        cifar10_data.train_transform(image_size, data["auto_augment"], data["random_crop_padding"], data["horizontal_flip"]),
+    datasets, train_augmentation, skipped_at_decode = cifar10_data.build_datasets(
+        splits,
         image_column,
         label_column,
-        data["skip_bad_images"],
+        image_size=config.image_size,
         seed=seed,
-    )
-    eval_transform = cifar10_data.ImageTransform(
-        cifar10_data.eval_transform(image_size), image_column, label_column, data["skip_bad_images"]
+        decode_once=data["decode_once"],
+        device=accelerator.device,
+        auto_augment=data["auto_augment"],
+        random_crop_padding=data["random_crop_padding"],
+        horizontal_flip=data["horizontal_flip"],
+        skip_bad_images=data["skip_bad_images"],
     )
     train_collator = cifar10_data.MixCollator(
         len(label_names), data["mixup_alpha"], data["cutmix_alpha"], data["mix_prob"], data["mix_switch_prob"], seed=seed
     )
     eval_collator = cifar10_data.MixCollator(len(label_names))
-    workers = data["dataloader_num_workers"]
+    # Decoded tensors may live on the GPU, which worker processes cannot share.
+    workers = 0 if data["decode_once"] else data["dataloader_num_workers"]
     train_dataloader = DataLoader(
-        cifar10_data.with_image_transform(splits["train"], train_transform),
+        datasets["train"],
         batch_size=train_cfg["per_device_train_batch_size"],
         shuffle=True,
         drop_last=True,
@@ -477,13 +483,13 @@ def train(settings: dict, command: str) -> dict:
     )
     eval_dataloaders = {
         name: DataLoader(
-            cifar10_data.with_image_transform(splits[name], eval_transform),
+            datasets[name],
             batch_size=train_cfg["per_device_eval_batch_size"],
             collate_fn=eval_collator,
             num_workers=workers,
         )
         for name in ("validation", "test")
-        if name in splits
+        if name in datasets
     }
     if len(train_dataloader) == 0:
         raise SettingsError(
@@ -513,7 +519,7 @@ def train(settings: dict, command: str) -> dict:
     )
     scheduler = accelerator.prepare(scheduler)
 
-    completed_steps, train_seconds, best_accuracy, history, skipped = 0, 0.0, -1.0, [], 0
+    completed_steps, train_seconds, best_accuracy, history, skipped = 0, 0.0, -1.0, [], skipped_at_decode
     if resume_path is not None:
         log(f"resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
@@ -545,87 +551,88 @@ def train(settings: dict, command: str) -> dict:
     progress = tqdm(
         total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train"
     )
-    time_up = False
-    run_images, run_seconds = 0, 0.0
-    start_epoch = completed_steps // steps_per_epoch
-    for epoch in range(start_epoch, num_epochs):
-        if completed_steps >= max_train_steps or time_up:
-            break
-        train_dataloader.set_epoch(epoch)
-        train_transform.epoch = train_collator.epoch = epoch
-        skip = (completed_steps - epoch * steps_per_epoch) * accumulation
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        model.train()
-        tick = time.perf_counter()
-        for micro_step, batch in enumerate(batches, start=skip):
-            skipped_here = int(batch.pop("num_skipped"))
-            # Dropout and stochastic depth draw from a generator seeded by the step, not
-            # from a global RNG that DataLoader iterators and evaluations also consume:
-            # that is what lets a resumed run repeat the uninterrupted one exactly.
-            torch.manual_seed(cifar10_data.sample_seed(seed, epoch, micro_step, accelerator.process_index))
-            with accelerator.accumulate(model):
-                logits = model(pixel_values=batch["pixel_values"]).logits
-                loss = classification_loss(logits, batch["labels"], data["label_smoothing"])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    elapsed = train_seconds + time.perf_counter() - tick
-                    flags = torch.tensor(
-                        [float(not torch.isfinite(loss.detach())), float(max_seconds is not None and elapsed >= max_seconds)],
-                        device=accelerator.device,
-                    )
-                    if accelerator.num_processes > 1:  # every process must stop on the same step
-                        flags = accelerator.reduce(flags, reduction="sum")
-                    if flags[0] > 0:
-                        progress.close()
-                        last = list_checkpoints(output_dir)[0]
-                        raise TrainingError(
-                            f"the loss became {loss.item()} at step {completed_steps + 1}; stopped without updating. "
-                            f"Intact: the last checkpoint ({last[-1] if last else 'none'}) and the best model in "
-                            f"{output_dir} ({'none yet' if best_accuracy < 0 else f'accuracy {best_accuracy:.4f}'}). "
-                            "Try a lower --learning_rate or --mixed_precision no."
-                        )
-                    time_up = bool(flags[1] > 0)
-                    if train_cfg["max_grad_norm"] > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), train_cfg["max_grad_norm"])
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            skipped += skipped_here
-            if not accelerator.sync_gradients:
-                continue
-            completed_steps += 1
-            now = time.perf_counter()
-            train_seconds += now - tick
-            run_seconds += now - tick
-            run_images += batch_images * accumulation
-            tick = now
-            progress.update(1)
-            if completed_steps % train_cfg["logging_steps"] == 0 or completed_steps == max_train_steps:
-                lr = scheduler.get_last_lr()[0]
-                loss_value = accelerator.reduce(loss.detach(), "mean").item()
-                progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{run_images / max(run_seconds, 1e-9):.0f}")
-                history.append({"step": completed_steps, "epoch": completed_steps / steps_per_epoch, "train_loss": loss_value, "learning_rate": lr})
-                accelerator.log({"train/loss": loss_value, "train/learning_rate": lr}, step=completed_steps)
-            if isinstance(checkpointing, int) and completed_steps % checkpointing == 0:
-                save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log)
-            tick = time.perf_counter()
+    try:
+        time_up = False
+        run_images, run_seconds = 0, 0.0
+        start_epoch = completed_steps // steps_per_epoch
+        for epoch in range(start_epoch, num_epochs):
             if completed_steps >= max_train_steps or time_up:
                 break
+            train_dataloader.set_epoch(epoch)
+            train_augmentation.epoch = train_collator.epoch = epoch
+            skip = (completed_steps - epoch * steps_per_epoch) * accumulation
+            batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+            model.train()
+            tick = time.perf_counter()
+            for micro_step, batch in enumerate(batches, start=skip):
+                skipped_here = int(batch.pop("num_skipped"))
+                # Dropout and stochastic depth draw from a generator seeded by the step, not
+                # from a global RNG that DataLoader iterators and evaluations also consume:
+                # that is what lets a resumed run repeat the uninterrupted one exactly.
+                torch.manual_seed(cifar10_data.sample_seed(seed, epoch, micro_step, accelerator.process_index))
+                with accelerator.accumulate(model):
+                    logits = model(pixel_values=batch["pixel_values"].contiguous(memory_format=memory_format)).logits
+                    loss = classification_loss(logits, batch["labels"], data["label_smoothing"])
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        elapsed = train_seconds + time.perf_counter() - tick
+                        flags = torch.tensor(
+                            [float(not torch.isfinite(loss.detach())), float(max_seconds is not None and elapsed >= max_seconds)],
+                            device=accelerator.device,
+                        )
+                        if accelerator.num_processes > 1:  # every process must stop on the same step
+                            flags = accelerator.reduce(flags, reduction="sum")
+                        if flags[0] > 0:
+                            last = list_checkpoints(output_dir)[0]
+                            raise TrainingError(
+                                f"the loss became {loss.item()} at step {completed_steps + 1}; stopped without updating. "
+                                f"Intact: the last checkpoint ({last[-1] if last else 'none'}) and the best model in "
+                                f"{output_dir} ({'none yet' if best_accuracy < 0 else f'accuracy {best_accuracy:.4f}'}). "
+                                "Try a lower --learning_rate or --mixed_precision no."
+                            )
+                        time_up = bool(flags[1] > 0)
+                        if train_cfg["max_grad_norm"] > 0:
+                            accelerator.clip_grad_norm_(model.parameters(), train_cfg["max_grad_norm"])
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                skipped += skipped_here
+                if not accelerator.sync_gradients:
+                    continue
+                completed_steps += 1
+                now = time.perf_counter()
+                train_seconds += now - tick
+                run_seconds += now - tick
+                run_images += batch_images * accumulation
+                tick = now
+                progress.update(1)
+                if completed_steps % train_cfg["logging_steps"] == 0 or completed_steps == max_train_steps:
+                    lr = scheduler.get_last_lr()[0]
+                    loss_value = accelerator.reduce(loss.detach(), "mean").item()
+                    progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{run_images / max(run_seconds, 1e-9):.0f}")
+                    history.append({"step": completed_steps, "epoch": completed_steps / steps_per_epoch, "train_loss": loss_value, "learning_rate": lr})
+                    accelerator.log({"train/loss": loss_value, "train/learning_rate": lr}, step=completed_steps)
+                if isinstance(checkpointing, int) and completed_steps % checkpointing == 0:
+                    save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log)
+                tick = time.perf_counter()
+                if completed_steps >= max_train_steps or time_up:
+                    break
 
-        metrics = evaluate(model, eval_dataloaders["validation"], accelerator)
-        entry = {"step": completed_steps, "epoch": completed_steps / steps_per_epoch, "train_seconds": train_seconds}
-        entry.update({f"eval_{k}": v for k, v in metrics.items()})
-        history.append(entry)
-        accelerator.log({"eval/accuracy": metrics["accuracy"], "eval/loss": metrics["loss"]}, step=completed_steps)
-        log(f"epoch {entry['epoch']:.2f}: validation accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
-        if metrics["accuracy"] > best_accuracy:
-            best_accuracy = metrics["accuracy"]
-            if accelerator.is_main_process:
-                save_best_model(accelerator.unwrap_model(model), output_dir)
-            accelerator.wait_for_everyone()
-        if checkpointing == "epoch" or (time_up and checkpointing is not None):
-            save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log)
-    progress.close()
+            metrics = evaluate(model, eval_dataloaders["validation"], accelerator)
+            entry = {"step": completed_steps, "epoch": completed_steps / steps_per_epoch, "train_seconds": train_seconds}
+            entry.update({f"eval_{k}": v for k, v in metrics.items()})
+            history.append(entry)
+            accelerator.log({"eval/accuracy": metrics["accuracy"], "eval/loss": metrics["loss"]}, step=completed_steps)
+            log(f"epoch {entry['epoch']:.2f}: validation accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+            if metrics["accuracy"] > best_accuracy:
+                best_accuracy = metrics["accuracy"]
+                if accelerator.is_main_process:
+                    save_best_model(accelerator.unwrap_model(model), output_dir)
+                accelerator.wait_for_everyone()
+            if checkpointing == "epoch" or (time_up and checkpointing is not None):
+                save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log)
+    finally:  # leave the bar finished, so an error message is the last line
+        progress.close()
 
     # The folder holds the best model: evaluate that one, once, on test.
     from safetensors.torch import load_file

@@ -89,3 +89,26 @@ def make_image_dataset(num_per_class=8, num_classes=3, size=16, seed=0, names=No
             labels.append(label)
     features = Features({"img": Image(), "label": ClassLabel(names=names)})
     return Dataset.from_dict({"img": images, "label": labels}, features=features)
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("hf_cache")
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(cache),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory):
+    """Parquet files like the shared CIFAR-10 copy: 30 training images of 3 classes, and a
+    test split of 9, so the run must carve a validation split and report test separately."""
+    folder = tmp_path_factory.mktemp("tiny_cifar")
+    make_image_dataset(num_per_class=10, seed=0).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    make_image_dataset(num_per_class=3, seed=1).to_parquet(str(folder / "test-00000-of-00001.parquet"))
+    return folder

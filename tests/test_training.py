@@ -27,29 +27,6 @@ FAST_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("hf_cache")
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(cache),
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-
-
-@pytest.fixture(scope="session")
-def dataset_dir(tmp_path_factory):
-    """Parquet files like the shared CIFAR-10 copy: 30 training images of 3 classes, and a
-    test split of 9, so the run must carve a validation split and report test separately."""
-    folder = tmp_path_factory.mktemp("tiny_cifar")
-    make_image_dataset(num_per_class=10, seed=0).to_parquet(str(folder / "train-00000-of-00001.parquet"))
-    make_image_dataset(num_per_class=3, seed=1).to_parquet(str(folder / "test-00000-of-00001.parquet"))
-    return folder
-
-
 def train(args, env, cwd=PROJECT_ROOT, launcher=None, timeout=600):
     command = (launcher or [sys.executable]) + [str(PROJECT_ROOT / "run_train.py")] + args
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
