@@ -627,7 +627,7 @@ def train(settings: dict, command: str) -> dict:
             if metrics["accuracy"] > best_accuracy:
                 best_accuracy = metrics["accuracy"]
                 if accelerator.is_main_process:
-                    save_best_model(accelerator.unwrap_model(model), output_dir)
+                    save_best_model(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir)
                 accelerator.wait_for_everyone()
             if checkpointing == "epoch" or (time_up and checkpointing is not None):
                 save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log)
@@ -637,7 +637,7 @@ def train(settings: dict, command: str) -> dict:
     # The folder holds the best model: evaluate that one, once, on test.
     from safetensors.torch import load_file
 
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     best_file = Path(output_dir) / "model.safetensors"
     if best_file.is_file():
         unwrapped.load_state_dict(load_file(best_file))

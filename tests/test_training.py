@@ -112,6 +112,31 @@ def test_the_same_seed_gives_the_same_weights_and_resume_is_exact(dataset_dir, t
     assert not torch.equal(weights(straight / "checkpoints/step_2")["classifier.weight"], final_straight["classifier.weight"])
 
 
+def test_decoded_tensors_channels_last_resume_exactly_too(dataset_dir, tmp_path, env):
+    """The decode-once path (batched crop and flip, a per-image policy, MixUp) in
+    channels_last: 8 steps straight equal 4 steps plus a resume to 8, and the run learns."""
+    args = ["--decode_once=true", "--channels_last=true", "--max_train_steps=8", "--checkpointing_steps=2",
+            "--checkpoints_total_limit=null", "--per_device_train_batch_size=5", "--drop_path_rate=0.2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = train(base_args(dataset_dir, straight, *args), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints/step_4", resumed / "checkpoints/step_4")
+    result = train(base_args(dataset_dir, resumed, *args, "--resume_from_checkpoint=latest"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(weights(resumed / "checkpoints/step_8"), weights(straight / "checkpoints/step_8"))
+    results = json.loads((straight / "all_results.json").read_text())
+    assert results["eval_samples"] == 6 and results["test_samples"] == 9
+
+
+def test_torch_compile_trains_and_saves_plain_weights(dataset_dir, tmp_path, env):
+    out = tmp_path / "run"
+    result = train(base_args(dataset_dir, out, "--torch_compile=true", "--decode_once=true", "--max_train_steps=2"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = weights(out)
+    assert "classifier.weight" in saved and not any(key.startswith("_orig_mod") for key in saved)
+
+
 def test_checkpoint_limit_and_incomplete_checkpoints_are_never_latest(dataset_dir, tmp_path, env):
     out = tmp_path / "run"
     result = train(base_args(dataset_dir, out, "--max_train_steps=6", "--checkpointing_steps=2", "--checkpoints_total_limit=2"), env)
