@@ -301,9 +301,10 @@ def parameter_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def evaluate(model, dataloader, accelerator) -> dict:
+def evaluate(model, dataloader, accelerator, flip_tta=False) -> dict:
     """Validation loss and accuracy; gather_for_metrics drops the samples that
-    distributed sampling duplicates, so each image counts exactly once."""
+    distributed sampling duplicates, so each image counts exactly once. With `flip_tta`,
+    the logits of each image and its mirror image are averaged."""
     import torch.nn.functional as F
 
     model.eval()
@@ -312,6 +313,8 @@ def evaluate(model, dataloader, accelerator) -> dict:
     with torch.no_grad():
         for batch in dataloader:
             logits = model(pixel_values=batch["pixel_values"]).logits
+            if flip_tta:
+                logits = (logits + model(pixel_values=batch["pixel_values"].flip(-1)).logits) / 2
             losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
             predictions, labels, losses = accelerator.gather_for_metrics(
                 (logits.argmax(-1), batch["labels"], losses)
@@ -362,6 +365,7 @@ A hybrid Vision Transformer (convolutional stem + transformer encoder) trained o
 | metric | value |
 | --- | --- |
 | validation accuracy (best epoch, {results['eval_samples']} held-out training images) | {results['eval_accuracy']:.4f} |
+| validation accuracy with flip test-time augmentation | {results['eval_accuracy_flip_tta']:.4f} |
 {test_line}| epochs | {results['epochs']:.2f} |
 | optimisation steps | {results['steps']} |
 | training time | {results['train_seconds'] / 60:.1f} min |
@@ -644,8 +648,10 @@ def train(settings: dict, command: str) -> dict:
     elif accelerator.is_main_process:  # resumed at the very end, before any evaluation was saved
         save_best_model(unwrapped, output_dir)
     best = evaluate(model, eval_dataloaders["validation"], accelerator)
+    best_tta = evaluate(model, eval_dataloaders["validation"], accelerator, flip_tta=True)
     results = {
         "eval_accuracy": best["accuracy"],
+        "eval_accuracy_flip_tta": best_tta["accuracy"],
         "eval_loss": best["loss"],
         "eval_samples": best["samples"],
         "test_accuracy": None,

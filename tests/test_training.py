@@ -57,7 +57,7 @@ def test_a_short_run_writes_a_folder_a_fresh_process_loads(dataset_dir, tmp_path
             "training_log.json"} <= files
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_samples"] == 6  # 20% of 30, stratified
-    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0.0 <= results["eval_accuracy_flip_tta"] <= 1.0
     assert results["test_samples"] == 9 and results["test_accuracy"] is not None
     assert results["steps"] == 2 * (24 // 4) and results["train_samples_per_second"] > 0
     config = json.loads((out / "config.json").read_text())
@@ -280,3 +280,22 @@ def test_a_minute_on_2000_real_images_is_well_above_chance(tmp_path, env):
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_samples"] == 1000
     assert results["eval_accuracy"] > 0.30, results
+
+
+def test_flip_tta_averages_each_image_with_its_mirror():
+    from types import SimpleNamespace
+
+    class LeftVersusRight(torch.nn.Module):
+        def forward(self, pixel_values):
+            columns = pixel_values.mean(dim=(1, 2))  # (B, W)
+            return SimpleNamespace(logits=torch.stack([columns[:, 0], columns[:, -1]], dim=-1))
+
+    images = torch.zeros(2, 3, 4, 4)
+    images[..., 0] = 1.0  # bright left edge: class 0
+    loader = [{"pixel_values": images, "labels": torch.tensor([0, 0])}]
+    accelerator = SimpleNamespace(gather_for_metrics=lambda tensors: tensors)
+    plain = run_train.evaluate(LeftVersusRight(), loader, accelerator)
+    tta = run_train.evaluate(LeftVersusRight(), loader, accelerator, flip_tta=True)
+    assert plain["accuracy"] == 1.0 and plain["samples"] == 2
+    assert plain["loss"] == pytest.approx(torch.nn.functional.softplus(torch.tensor(-1.0)).item(), rel=1e-5)
+    assert tta["loss"] == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-5)  # [0.5, 0.5]: a coin toss
