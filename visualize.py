@@ -1,0 +1,376 @@
+"""Look at what the hybrid ViT attends to: attention rollout, the CLS token's attention per
+head and the mean attention distance of each head; the command line draws the first two
+for a few images, one row each.
+
+    python visualize.py --model outputs/hybrid-vit-cifar10 --dataset_name ../shared/data/cifar10 \
+        --num_images 8 --output attention.png
+    python visualize.py --model outputs/hybrid-vit-cifar10 --images cat.png dog.jpg --method heads
+
+Every map is computed from `outputs.attentions`, the attention probabilities the model
+returns with `output_attentions=True` (one tensor per layer, (B, heads, T, T), token 0 the
+CLS token); nothing hooks into the model. The functions are imported by run_eval.py, the
+analysis notebook and the Gradio demo.
+
+Figures are `matplotlib.figure.Figure` objects, not pyplot ones: PNGs are rendered by Agg
+whatever the environment, nothing is kept in pyplot's global state (a web app can make
+many), and a notebook shows a returned figure inline.
+"""
+
+import argparse
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image
+
+METHODS = ("rollout", "cls", "heads")
+DISPLAY_SIZE = 128  # pixels: 32x32 images are upsampled (bicubic) so a figure is legible
+COLORMAP = "inferno"
+CORRECT_COLOUR, WRONG_COLOUR = "#1a7f37", "#cf222e"
+
+
+class InputError(ValueError):
+    """A model, image or dataset the user must fix; the message is one line."""
+
+
+# ---------------------------------------------------------------------- attention maths
+
+
+def grid_side(num_patches: int) -> int:
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"expected a square grid of patch tokens, got {num_patches} tokens after CLS")
+    return side
+
+
+def attention_rollout(attentions) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020, eq. 1): average the heads, add the identity
+    for the residual connection, renormalise the rows, and multiply through the layers,
+    rollout_l = A_l @ rollout_(l-1). Returns (B, T, T); row i says how much of input token j
+    flows into token i at the last layer, and each row sums to 1."""
+    rollout = None
+    for attention in attentions:
+        A = attention.float().mean(dim=1)  # (B, T, T)
+        A = A + torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        A = A / A.sum(dim=-1, keepdim=True)
+        rollout = A if rollout is None else A @ rollout
+    return rollout
+
+
+def rollout_map(attentions) -> torch.Tensor:
+    """The CLS row of the rollout over the patch tokens as a (B, g, g) map, max 1 per image."""
+    cls_row = attention_rollout(attentions)[:, 0, 1:]  # (B, N)
+    B, N = cls_row.shape
+    g = grid_side(N)
+    cls_row = cls_row / cls_row.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    return cls_row.reshape(B, g, g)
+
+
+def cls_attention(attentions, layer: int = -1) -> torch.Tensor:
+    """What the CLS query attends to in one layer, per head: (B, heads, g, g). These are the
+    raw probabilities; they sum to 1 minus the CLS token's attention to itself."""
+    cls_row = attentions[layer][:, :, 0, 1:].float()  # (B, heads, N)
+    B, H, N = cls_row.shape
+    g = grid_side(N)
+    return cls_row.reshape(B, H, g, g)
+
+
+def patch_distances(num_patches: int, patch_size: int) -> torch.Tensor:
+    """(N, N) Euclidean distances in pixels between patch centres on the g x g token grid."""
+    g = grid_side(num_patches)
+    rows, cols = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    centres = torch.stack([rows.flatten(), cols.flatten()], dim=-1).float() * patch_size  # (N, 2)
+    return torch.cdist(centres, centres)
+
+
+def mean_attention_distance(attention: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Mean attention distance of each head of one layer (Dosovitskiy et al. 2021, fig. 7):
+    the attention-weighted pixel distance between a query patch and the patches it attends
+    to, averaged over queries and images, the ViT analogue of a CNN's receptive field size.
+    Only patch tokens count: the CLS query and key are dropped and each row renormalised
+    over the patch keys. attention: (B, heads, T, T); returns (heads,) in pixels."""
+    patches = attention[:, :, 1:, 1:].float()  # (B, heads, N, N)
+    patches = patches / patches.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    distance = patch_distances(patches.shape[-1], patch_size).to(patches.device)
+    per_query = (patches * distance).sum(dim=-1)  # (B, heads, N)
+    return per_query.mean(dim=(0, 2))
+
+
+def attention_distances(attentions, patch_size: int) -> torch.Tensor:
+    """mean_attention_distance of every layer: (layers, heads), in pixels."""
+    return torch.stack([mean_attention_distance(attention, patch_size) for attention in attentions])
+
+
+def cls_attention_entropy(attentions) -> torch.Tensor:
+    """Entropy (nats) of the CLS token's attention over the patches, per layer and head,
+    averaged over images: (layers, heads). log(num_patches) means spread evenly over the
+    image, 0 means all on one patch. Rows are renormalised over the patch keys."""
+    entropies = []
+    for attention in attentions:
+        p = attention[:, :, 0, 1:].float()  # (B, heads, N)
+        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        entropies.append(-(p * p.clamp_min(1e-12).log()).sum(dim=-1).mean(dim=0))  # (heads,)
+    return torch.stack(entropies)
+
+
+def overlay(image: Image.Image, heatmap: torch.Tensor, cmap: str = COLORMAP, alpha: float = 0.55) -> np.ndarray:
+    """Blend a (g, g) heatmap, upsampled bilinearly to the image size and stretched to its
+    own min..max, with the image through a matplotlib colormap: (H, W, 3) floats in [0, 1]."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    H, W = pixels.shape[:2]
+    heat = F.interpolate(heatmap.detach().float().cpu()[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+    colours = matplotlib.colormaps[cmap](heat.numpy())[..., :3]
+    return np.clip((1.0 - alpha) * pixels + alpha * colours, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------ model and images
+
+
+def load_model(model: str):
+    """(model in eval mode, image processor) from a saved folder or a Hub id."""
+    looks_local = model.startswith((".", "/", "~")) or os.path.exists(model)
+    path = os.path.expanduser(model)
+    if looks_local and not os.path.isdir(path):
+        raise InputError(f"model folder not found: {model}")
+    if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"{model} is not a saved model folder (no config.json)")
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    try:
+        loaded = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)
+        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=True)
+    except OSError as error:  # an unknown Hub id, or the Hub unreachable offline
+        raise InputError(f"could not load model {model!r}: {str(error).strip().splitlines()[0]}") from error
+    return loaded.eval(), processor
+
+
+def predict(model, processor, images):
+    """Run the model on PIL images (any mode: converted to RGB) with attentions returned."""
+    inputs = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+    with torch.no_grad():
+        return model(pixel_values=inputs["pixel_values"].to(model.device), output_attentions=True)
+
+
+def open_image(path) -> Image.Image:
+    if not Path(path).is_file():
+        raise InputError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read image {path}: {error}") from error
+
+
+def split_settings(model_path) -> tuple[float, int]:
+    """train_val_split and seed from the run's train_config.yaml, so the validation split
+    here is the one training held out; the training defaults when there is none."""
+    config = Path(model_path) / "train_config.yaml"
+    if not config.is_file():
+        return 0.1, 42
+    import yaml
+
+    settings = yaml.safe_load(config.read_text()) or {}
+    return float(settings.get("data", {}).get("train_val_split", 0.1)), int(settings.get("training", {}).get("seed", 42))
+
+
+def load_split(model_path, dataset_name: str, split: str | None = None, max_samples: int | None = None):
+    """The evaluation split: `test` when the dataset has one, else the validation split that
+    training carved. Returns (dataset, image column, label column, split name)."""
+    import cifar10_data
+
+    train_val_split, seed = split_settings(model_path)
+    try:
+        splits, image_column, label_column = cifar10_data.load_splits(
+            dataset_name, train_val_split, seed, max_eval_samples=max_samples
+        )
+    except cifar10_data.DataError as error:
+        raise InputError(str(error)) from error
+    split = split or ("test" if "test" in splits else "validation")
+    if split not in splits:
+        raise InputError(f"dataset {dataset_name} has no split {split!r}; splits: {', '.join(splits)}")
+    dataset = splits[split]
+    if split == "train" and max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    return dataset, image_column, label_column, split
+
+
+def dataset_images(dataset, image_column: str, label_column: str, indices) -> tuple[list[Image.Image], list[str]]:
+    """The RGB images at `indices` and their label names."""
+    from cifar10_data import decode_image
+
+    names = dataset.features[label_column].names
+    rows = [dataset[int(i)] for i in indices]
+    return [decode_image(row[image_column]) for row in rows], [names[row[label_column]] for row in rows]
+
+
+def sample_indices(size: int, num: int, seed: int) -> list[int]:
+    return random.Random(seed).sample(range(size), min(num, size))
+
+
+def display_image(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
+    """The image as the model sees it (squashed to a square, like its processor does),
+    upsampled so it is legible next to the maps."""
+    return image.convert("RGB").resize((size, size), Image.BICUBIC)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def attention_figure(model, processor, images, true_labels=None, names=None, method: str = "rollout"):
+    """One row per image: the image with its true label (or, when unknown, its name from
+    `names`) and the prediction with its probability, then the attention rollout, the last
+    layer's CLS attention averaged over heads, and that attention for each head.
+    `method` chooses the emphasis: `rollout` and `cls` draw that map over the image in the
+    second column, `heads` draws every head over it; the other maps show the raw token grid."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not images:
+        fig = Figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no images to show", ha="center", va="center")
+        return fig
+    outputs = predict(model, processor, images)
+    probabilities = outputs.logits.float().softmax(dim=-1)
+    confidence, predicted = probabilities.max(dim=-1)
+    rollout = rollout_map(outputs.attentions)  # (B, g, g)
+    heads = cls_attention(outputs.attentions)  # (B, nh, g, g)
+    layer = len(outputs.attentions)
+
+    panels = [  # (title, (B, g, g) maps, drawn over the image)
+        ("attention rollout", rollout, method == "rollout"),
+        (f"layer {layer} CLS, mean of heads", heads.mean(dim=1), method == "cls"),
+    ]
+    if method == "cls":
+        panels.reverse()
+    panels += [(f"layer {layer} head {h + 1}", heads[:, h], method == "heads") for h in range(heads.shape[1])]
+
+    B, ncols = len(images), 1 + len(panels)
+    panel = 2.0
+    fig = Figure(figsize=(panel * ncols, (panel + 0.4) * B + 0.8))
+    axes = fig.subplots(B, ncols, squeeze=False)
+    for b, image in enumerate(images):
+        shown = display_image(image)
+        label = model.config.id2label[int(predicted[b])]
+        first = f"true: {true_labels[b]}" if true_labels is not None else (names[b] if names is not None else f"image {b + 1}")
+        colour = "black" if true_labels is None else (CORRECT_COLOUR if true_labels[b] == label else WRONG_COLOUR)
+        axes[b, 0].imshow(shown)
+        axes[b, 0].set_title(f"{first}\npred: {label} {confidence[b]:.0%}", fontsize=10, color=colour)
+        for ax, (title, maps, overlaid) in zip(axes[b, 1:], panels):
+            if overlaid:
+                ax.imshow(overlay(shown, maps[b]))
+            else:  # the raw g x g token grid, one square per token
+                ax.imshow(maps[b].cpu().numpy(), cmap=COLORMAP, interpolation="nearest")
+            if b == 0:
+                ax.set_title(title, fontsize=10)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    emphasis = {
+        "rollout": "Attention rollout from the CLS token drawn over the image",
+        "cls": "Last layer's CLS attention (mean of heads) drawn over the image",
+        "heads": "Each head's CLS attention in the last layer drawn over the image",
+    }[method]
+    fig.suptitle(
+        f"{emphasis}; other maps show the {heads.shape[-1]}x{heads.shape[-1]} token grid.\n"
+        "Each map is scaled to its own range (bright = most attention).",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_distance(distances: torch.Tensor, patch_size: int, num_patches: int):
+    """Mean attention distance of every head against depth, as in ViT fig. 7, with the
+    distance that attention spread evenly over the grid would give.
+    distances: (layers, heads) in pixels, from `attention_distances`."""
+    L, H = distances.shape
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for h in range(H):
+        x = np.arange(1, L + 1) + 0.08 * (h - (H - 1) / 2)  # side by side, so equal distances stay visible
+        ax.scatter(x, distances[:, h].cpu().numpy(), label=f"head {h + 1}", s=40, alpha=0.85)
+    uniform = patch_distances(num_patches, patch_size).mean().item()
+    ax.axhline(uniform, color="grey", linestyle=":", linewidth=1.2, label="uniform attention")
+    ax.set_xlabel("layer (network depth)")
+    ax.set_ylabel("mean attention distance (pixels)")
+    ax.set_xticks(np.arange(1, L + 1))
+    ax.set_ylim(0, max(uniform, distances.max().item()) * 1.15)
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    ax.set_title("How far each head looks")
+    fig.tight_layout()
+    return fig
+
+
+def plot_cls_entropy(entropy: torch.Tensor, num_patches: int):
+    """Entropy of the CLS token's attention per layer and head, with the uniform maximum.
+    entropy: (layers, heads) in nats, from `cls_attention_entropy`."""
+    L, H = entropy.shape
+    layers = np.arange(1, L + 1)
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for h in range(H):
+        ax.plot(layers, entropy[:, h].cpu().numpy(), marker="o", label=f"head {h + 1}")
+    ax.axhline(math.log(num_patches), color="grey", linestyle=":", label=f"uniform over {num_patches} patches")
+    ax.set_xlabel("layer (network depth)")
+    ax.set_ylabel("entropy of CLS attention (nats)")
+    ax.set_xticks(layers)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.set_title("Where the CLS token concentrates its attention")
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a saved model folder or a Hub id")
+    parser.add_argument("--images", nargs="+", help="image files; otherwise samples from --dataset_name")
+    parser.add_argument("--dataset_name", default="uoft-cs/cifar10", help="a Hub id or a local folder")
+    parser.add_argument("--split", default=None, help="default: test when the dataset has one, else validation")
+    parser.add_argument("--num_images", type=int, default=8, help="images sampled from the dataset")
+    parser.add_argument("--seed", type=int, default=0, help="which images are sampled")
+    parser.add_argument("--method", choices=METHODS, default="rollout",
+                        help="what is drawn over the image: the rollout, the last layer's CLS attention, or each head")
+    parser.add_argument("--output", default="attention.png", help="PNG file to write")
+    args = parser.parse_args(argv)
+    if args.num_images < 1:
+        parser.error("--num_images must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        # Check the inputs before the slow model and dataset loading.
+        images = [open_image(path) for path in args.images] if args.images else None
+        model, processor = load_model(args.model)
+        if images is not None:
+            true_labels, names = None, [Path(path).name for path in args.images]
+        else:
+            dataset, image_column, label_column, split = load_split(args.model, args.dataset_name, args.split)
+            indices = sample_indices(len(dataset), args.num_images, args.seed)
+            images, true_labels = dataset_images(dataset, image_column, label_column, indices)
+            names = None
+        fig = attention_figure(model, processor, images, true_labels, names, args.method)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.output, dpi=110)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
