@@ -1,0 +1,211 @@
+"""The Dockerfile, checked without a Docker engine: everything it copies is in the build
+context, it installs the project the way the README says, it runs as a non-root user, it
+has a CUDA variant, and its demo defaults fit the training defaults."""
+
+import json
+import re
+import shlex
+
+import pytest
+import yaml
+
+from .conftest import PROJECT_ROOT
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+DOCKERFILE = PROJECT_ROOT / "Dockerfile"
+DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
+README = PROJECT_ROOT / "README.md"
+# `pip install .`, `pip install ".[demo]"` and the like: the command that installs the project.
+PROJECT_INSTALL = re.compile(r"pip install (?:--\S+ )*(\"\.(?:\[[\w,-]+\])?\"|\.(?:\[[\w,-]+\])?)(?=\s|$)")
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) per instruction, continuation lines joined, comments dropped."""
+    result, pending = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.strip().startswith("#"):
+            continue  # comments (and parser directives) may sit between continuation lines
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        if pending.strip():
+            keyword, _, arguments = pending.strip().partition(" ")
+            result.append((keyword.upper(), " ".join(arguments.split())))
+        pending = ""
+    return result
+
+
+def copy_sources() -> list[str]:
+    """Sources of every COPY/ADD from the build context (not `--from` another stage)."""
+    sources = []
+    for keyword, arguments in instructions():
+        if keyword not in ("COPY", "ADD"):
+            continue
+        words = json.loads(arguments) if arguments.startswith("[") else shlex.split(arguments)
+        if any(word.startswith("--from") for word in words):
+            continue
+        sources += [word for word in words if not word.startswith("--")][:-1]
+    return sources
+
+
+def dockerignore_patterns() -> list[tuple[re.Pattern, bool]]:
+    """(regex, is_exception) per .dockerignore line, as Docker reads them: Go filepath.Match
+    globs plus `**`, `!` for exceptions. Written by hand: no maintained Python package
+    implements Docker's rules."""
+    patterns = []
+    for line in DOCKERIGNORE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        exception = line.startswith("!")
+        glob = line.lstrip("!").strip().strip("/")
+        regex = ""
+        for token in re.split(r"(\*\*/|\*\*|\*|\?)", glob):
+            regex += {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token))
+        patterns.append((re.compile(regex), exception))
+    return patterns
+
+
+def is_excluded(path: str, patterns) -> bool:
+    """A path is left out when the last pattern matching it, or one of its parent folders,
+    is not an exception."""
+    parts = path.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for regex, exception in patterns:
+        if any(regex.fullmatch(candidate) for candidate in candidates):
+            excluded = not exception
+    return excluded
+
+
+def in_build_context(path: str, patterns) -> bool:
+    full = PROJECT_ROOT / path
+    if full.is_file():
+        return not is_excluded(path, patterns)
+    return full.is_dir() and any(
+        not is_excluded(str(f.relative_to(PROJECT_ROOT)), patterns) for f in full.rglob("*") if f.is_file()
+    )
+
+
+def readme_deployment_section() -> str:
+    """The README's "Deployment" section, down to the next heading of its level or above
+    (`# comments` inside code blocks are not headings)."""
+    section, level, in_code = None, 0, False
+    for line in README.read_text().splitlines():
+        in_code ^= line.startswith("```")
+        heading = None if in_code else re.match(r"(#+) (.*)", line)
+        if section is None:
+            if heading and heading.group(2).strip() == "Deployment":
+                section, level = [], len(heading.group(1))
+        elif heading and len(heading.group(1)) <= level:
+            break
+        else:
+            section.append(line)
+    assert section is not None, "README.md has no Deployment section"
+    return "\n".join(section)
+
+
+def test_dockerignore_matches_like_docker():
+    patterns = [(re.compile(r), e) for r, e in [("outputs", False), ("(?:.*/)?__pycache__", False), ("tests", False)]]
+    assert is_excluded("outputs/run/model.safetensors", patterns)
+    assert is_excluded("configs/__pycache__/x.pyc", patterns)
+    assert not is_excluded("configs/cpu.yaml", patterns)
+    assert is_excluded("tests/test_app.py", patterns + [(re.compile("tests/keep.py"), True)])
+    assert not is_excluded("tests/keep.py", patterns + [(re.compile("tests/keep.py"), True)])
+
+
+def test_everything_copied_exists_and_is_in_the_build_context():
+    patterns = dockerignore_patterns()
+    sources = copy_sources()
+    assert sources, "the Dockerfile copies nothing"
+    for source in sources:
+        assert (PROJECT_ROOT / source).exists(), f"the Dockerfile copies {source}, which does not exist"
+        assert in_build_context(source, patterns), f"the Dockerfile copies {source}, which .dockerignore leaves out"
+
+
+def test_every_top_level_module_is_copied():
+    # The scripts import each other (run_eval and app import visualize, run_train imports
+    # cifar10_data): a new module that is not copied breaks the image, not the tests.
+    copied = {source.rstrip("/") for source in copy_sources()}
+    missing = sorted(path.name for path in PROJECT_ROOT.glob("*.py") if path.name not in copied)
+    assert not missing, f"the Dockerfile does not copy {missing}"
+
+
+def test_project_install_has_what_pyproject_needs():
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", pyproject["project"]["readme"]}
+    needed |= {f"{module}.py" for module in pyproject["tool"]["setuptools"]["py-modules"]}
+    copied = set()
+    for keyword, arguments in instructions():
+        if keyword == "RUN" and PROJECT_INSTALL.search(arguments):
+            assert needed <= copied, f"{sorted(needed - copied)} must be copied before `{arguments}`"
+            return
+        if keyword == "COPY":
+            copied |= set(shlex.split(arguments)[:-1])
+    pytest.fail("the Dockerfile never installs the project with pip")
+
+
+def test_readme_documents_the_install_command_the_image_uses():
+    commands = [m.group(0) for _, arguments in instructions() for m in [PROJECT_INSTALL.search(arguments)] if m]
+    assert len(commands) == 1, f"expected one project install in the Dockerfile, found {commands}"
+    documented = readme_deployment_section()
+    assert commands[0] in documented, f"README's Deployment section should show `{commands[0]}`, as the image runs it"
+
+
+def test_readme_build_args_exist_in_the_dockerfile():
+    steps = instructions()
+    declared = {arguments.split("=")[0] for keyword, arguments in steps if keyword == "ARG"}
+    stages = {arguments.split(" AS ")[-1] for keyword, arguments in steps if keyword == "FROM" and " AS " in arguments}
+    for name, value in re.findall(r"--build-arg (\w+)=(\S+)", readme_deployment_section()):
+        assert name in declared, f"README passes --build-arg {name}, which the Dockerfile does not declare"
+        if name == "TORCH":
+            assert f"torch-{value}" in stages, f"README builds with TORCH={value}, but there is no stage torch-{value}"
+
+
+def test_runs_as_a_non_root_user():
+    users = [arguments for keyword, arguments in instructions() if keyword == "USER"]
+    assert users, "the image runs as root: no USER instruction"
+    assert users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_has_a_cuda_variant_with_the_same_torch():
+    steps = instructions()
+    first_from = next(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
+    assert ("ARG", "TORCH=cpu") in steps[:first_from], "the CPU image is the default, chosen by ARG TORCH"
+    stages, current = {}, None
+    for keyword, arguments in steps:
+        if keyword == "FROM":
+            current = arguments.split(" AS ")[-1] if " AS " in arguments else arguments
+            stages[current] = []
+        elif current:
+            stages[current].append((keyword, arguments))
+    assert {"torch-cpu", "torch-cuda"} <= set(stages)
+    final = [arguments for keyword, arguments in steps if keyword == "FROM"][-1]
+    assert final.startswith("torch-${TORCH}"), "the final stage must build on the torch stage that TORCH names"
+
+    def pins(stage):
+        run = " ".join(arguments for keyword, arguments in stages[stage] if keyword == "RUN")
+        return sorted(re.findall(r"\b(torch(?:vision)?==\S+)", run))
+
+    assert pins("torch-cpu") == pins("torch-cuda") and len(pins("torch-cpu")) == 2
+    assert "download.pytorch.org/whl/cpu" in " ".join(a for _, a in stages["torch-cpu"])
+
+
+def test_default_command_serves_the_demo_on_the_trained_model():
+    steps = instructions()
+    env = {}
+    for keyword, arguments in steps:
+        if keyword == "ENV":
+            env.update(word.split("=", 1) for word in shlex.split(arguments))
+    assert ("EXPOSE", "7860") in steps
+    assert env["GRADIO_SERVER_NAME"] == "0.0.0.0", "inside a container the demo must listen beyond loopback"
+    cmd = [arguments for keyword, arguments in steps if keyword == "CMD"][-1]
+    assert json.loads(cmd) == ["python", "app.py"]
+    workdir = [arguments for keyword, arguments in steps if keyword == "WORKDIR"][-1]
+    default_output = yaml.safe_load((PROJECT_ROOT / "default.yaml").read_text())["training"]["output_dir"]
+    assert env["HYBRID_VIT_MODEL"] == f"{workdir}/{default_output}", "the demo should serve what training writes by default"
