@@ -1,0 +1,70 @@
+"""The release checkpoint, checkpoints/hybrid-vit-cifar10: a complete, small Hub folder that
+loads without the project's code, and whose card states what it scored and how it was made."""
+
+import json
+import re
+
+import pytest
+import yaml
+
+from configuration_hybrid_vit import CIFAR10_LABELS
+from tests.conftest import PROJECT_ROOT, SHARED_CIFAR10, run_isolated
+
+RELEASE = PROJECT_ROOT / "checkpoints" / "hybrid-vit-cifar10"
+
+
+def test_release_folder_is_complete_small_and_has_no_training_state():
+    files = {p.name for p in RELEASE.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "configuration_hybrid_vit.py",
+            "modeling_hybrid_vit.py", "README.md", "all_results.json", "train_config.yaml"} <= files
+    assert not (RELEASE / "checkpoints").exists()
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
+    assert (RELEASE / "model.safetensors").stat().st_size < 16 * 2**20
+    assert json.loads((RELEASE / "config.json").read_text())["auto_map"]["AutoModelForImageClassification"]
+    # The shipped model files are the project's current ones.
+    for name in ("configuration_hybrid_vit.py", "modeling_hybrid_vit.py"):
+        assert (RELEASE / name).read_text() == (PROJECT_ROOT / name).read_text(), name
+
+
+def test_release_card_states_its_score_command_hardware_and_time():
+    card = (RELEASE / "README.md").read_text()
+    results = json.loads((RELEASE / "all_results.json").read_text())
+    assert f"{results['eval_accuracy']:.4f}" in card
+    assert re.search(r"value: 0\.\d+", card)  # model-index metric
+    assert "Command: `python run_train.py --config configs/cpu.yaml" in card
+    assert "Hardware:" in card and "training time" in card
+
+
+def test_release_loads_with_no_project_code_and_classifies_the_examples(tmp_path):
+    result = run_isolated(
+        f"""
+        import json
+        from transformers import AutoModelForImageClassification, pipeline
+        model = AutoModelForImageClassification.from_pretrained({str(RELEASE)!r}, trust_remote_code=True)
+        classify = pipeline("image-classification", model={str(RELEASE)!r}, trust_remote_code=True)
+        print(json.dumps(classify({str(PROJECT_ROOT / "assets/examples/ship.png")!r})))
+        """,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = json.loads(result.stdout.strip().splitlines()[-1])
+    assert predictions[0]["label"] in CIFAR10_LABELS
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="../shared/data/cifar10 is not on this machine")
+def test_release_scores_on_its_validation_split_what_its_card_says():
+    """On the first 1,000 images of the validation split its training run carved (same seed
+    and fraction), accuracy is within 3 points of the card's figure for all 5,000."""
+    import run_eval
+    import visualize
+
+    settings = yaml.safe_load((RELEASE / "train_config.yaml").read_text())
+    model, processor = visualize.load_model(str(RELEASE))
+    dataset, image_column, label_column, split = visualize.load_split(
+        str(RELEASE), str(SHARED_CIFAR10), split="validation", max_samples=1000
+    )
+    assert split == "validation" and settings["training"]["seed"] is not None
+    labels, probabilities = run_eval.evaluate_model(model, processor, dataset, image_column, label_column, progress=False)
+    accuracy = (probabilities.argmax(-1) == labels).float().mean().item()
+    stated = json.loads((RELEASE / "all_results.json").read_text())["eval_accuracy"]
+    assert abs(accuracy - stated) < 0.03, (accuracy, stated)
