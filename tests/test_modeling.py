@@ -262,3 +262,18 @@ def test_fresh_process_loads_identical_logits_and_runs_the_pipeline(tiny_model, 
     # Softmax, not sigmoid: the three best of ten probabilities sum to at most 1.
     assert sum(p["score"] for p in report["predictions"]) <= 1.0 + 1e-6
     assert report["layers"] == TINY_MODEL["num_hidden_layers"]
+
+
+def test_default_yaml_model_section_maps_one_to_one_onto_the_config():
+    import inspect
+
+    import yaml
+
+    from tests.conftest import PROJECT_ROOT
+
+    model = yaml.safe_load((PROJECT_ROOT / "default.yaml").read_text())["model"]
+    fields = [name for name in inspect.signature(HybridViTConfig.__init__).parameters if name not in ("self", "kwargs")]
+    assert sorted(model) == sorted(fields)
+    config, defaults = HybridViTConfig(**model), HybridViTConfig()
+    for name in fields:
+        assert getattr(config, name) == getattr(defaults, name), name

@@ -48,8 +48,9 @@ def assert_same_weights(a, b):
 
 def test_a_short_run_writes_a_folder_a_fresh_process_loads(dataset_dir, tmp_path, env):
     out = tmp_path / "run"
-    result = train(base_args(dataset_dir, out, "--num_train_epochs=2"), env)
+    result = train(base_args(dataset_dir, out, "--num_train_epochs=2", "--report_to=tensorboard"), env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events written"
 
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_hybrid_vit.py",
@@ -299,3 +300,21 @@ def test_flip_tta_averages_each_image_with_its_mirror():
     assert plain["accuracy"] == 1.0 and plain["samples"] == 2
     assert plain["loss"] == pytest.approx(torch.nn.functional.softplus(torch.tensor(-1.0)).item(), rel=1e-5)
     assert tta["loss"] == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-5)  # [0.5, 0.5]: a coin toss
+
+
+def test_push_to_hub_uploads_the_folder_with_its_card_and_without_checkpoints(tmp_path, monkeypatch):
+    """The Hub is unreachable here: check the thin huggingface_hub calls it makes."""
+    import huggingface_hub
+
+    calls = {}
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, exist_ok: calls.setdefault("create", (repo_id, exist_ok)))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.setdefault("upload", kwargs))
+    run_train.push_to_hub(str(tmp_path), "org/hybrid-vit")
+    assert calls["create"] == ("org/hybrid-vit", True)
+    assert calls["upload"]["repo_id"] == "org/hybrid-vit" and calls["upload"]["folder_path"] == str(tmp_path)
+    assert "checkpoints/*" in calls["upload"]["ignore_patterns"]
+
+
+def test_push_to_hub_needs_a_repository_id():
+    with pytest.raises(run_train.SettingsError, match="--hub_model_id must be set when --push_to_hub is true"):
+        run_train.load_settings(["--push_to_hub"])
