@@ -86,6 +86,18 @@ def load_splits(
     return splits, image_column, label_column
 
 
+def augmentation_policy(name: str):
+    """The automatic augmentation policy by name (None for "none"), for uint8 images."""
+    if name not in AUTO_AUGMENT_CHOICES:
+        raise ValueError(f"auto_augment must be one of {AUTO_AUGMENT_CHOICES}, got {name!r}")
+    return {
+        "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
+        "randaugment": v2.RandAugment,
+        "trivialaugment": v2.TrivialAugmentWide,
+        "none": lambda: None,
+    }[name]()
+
+
 def train_transform(
     image_size: int = 32,
     auto_augment: str = "autoaugment",
@@ -93,19 +105,12 @@ def train_transform(
     horizontal_flip: bool = True,
 ) -> v2.Compose:
     """Per-image training augmentation: crop, flip, an automatic policy, then normalise."""
-    if auto_augment not in AUTO_AUGMENT_CHOICES:
-        raise ValueError(f"auto_augment must be one of {AUTO_AUGMENT_CHOICES}, got {auto_augment!r}")
     steps = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
     if random_crop_padding:
         steps.append(v2.RandomCrop(image_size, padding=random_crop_padding, padding_mode="reflect"))
     if horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
-    policy = {
-        "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
-        "randaugment": v2.RandAugment,
-        "trivialaugment": v2.TrivialAugmentWide,
-        "none": lambda: None,
-    }[auto_augment]()
+    policy = augmentation_policy(auto_augment)
     if policy is not None:
         steps.append(policy)
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
@@ -294,9 +299,7 @@ class DecodedImages(torch.utils.data.Dataset):
         self.train = train
         self.padding = random_crop_padding
         self.flip = horizontal_flip
-        self.policy = None if auto_augment == "none" or not train else train_transform(
-            images.shape[-1], auto_augment, 0, False
-        ).transforms[2]
+        self.policy = augmentation_policy(auto_augment) if train else None
         self.seed = seed
         self.epoch = 0
         device = images.device

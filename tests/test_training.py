@@ -318,3 +318,21 @@ def test_push_to_hub_uploads_the_folder_with_its_card_and_without_checkpoints(tm
 def test_push_to_hub_needs_a_repository_id():
     with pytest.raises(run_train.SettingsError, match="--hub_model_id must be set when --push_to_hub is true"):
         run_train.load_settings(["--push_to_hub"])
+
+
+def test_decoded_batches_are_normalised_and_augmented_per_image():
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(6)
+    plain = cifar10_data.DecodedImages(images, labels, train=False)
+    batch = plain.__getitems__([4, 1])
+    mean = torch.tensor(cifar10_data.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cifar10_data.CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(batch["pixel_values"], (images[[4, 1]].float() / 255 - mean) / std)
+    assert batch["labels"].tolist() == [4, 1]
+
+    augmented = cifar10_data.DecodedImages(images, labels, train=True, random_crop_padding=2, auto_augment="autoaugment", seed=0)
+    first = augmented.__getitems__([0, 1, 2, 3, 4, 5])["pixel_values"]
+    assert first.shape == (6, 3, 8, 8)
+    torch.testing.assert_close(augmented.__getitems__([0, 1, 2, 3, 4, 5])["pixel_values"], first)  # seeded
+    augmented.epoch = 1
+    assert not torch.equal(augmented.__getitems__([0, 1, 2, 3, 4, 5])["pixel_values"], first)  # a new epoch, new draws
