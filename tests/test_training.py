@@ -336,3 +336,20 @@ def test_decoded_batches_are_normalised_and_augmented_per_image():
     torch.testing.assert_close(augmented.__getitems__([0, 1, 2, 3, 4, 5])["pixel_values"], first)  # seeded
     augmented.epoch = 1
     assert not torch.equal(augmented.__getitems__([0, 1, 2, 3, 4, 5])["pixel_values"], first)  # a new epoch, new draws
+
+
+def test_loader_workers_and_gradient_accumulation(dataset_dir, tmp_path, env):
+    """Augmentation is seeded per image, so a worker process produces the very batches the
+    main process does: the same weights. Accumulating 2 batches of 4 makes half the steps."""
+    runs = {}
+    for workers in (0, 1):
+        out = tmp_path / f"workers{workers}"
+        result = train(base_args(dataset_dir, out, "--num_train_epochs=1", f"--dataloader_num_workers={workers}"), env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[workers] = weights(out)
+    assert_same_weights(runs[0], runs[1])
+
+    out = tmp_path / "accumulated"
+    result = train(base_args(dataset_dir, out, "--num_train_epochs=1", "--gradient_accumulation_steps=2"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "all_results.json").read_text())["steps"] == (24 // 4) // 2
