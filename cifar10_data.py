@@ -118,14 +118,8 @@ def train_transform(
 
 
 def eval_transform(image_size: int = 32) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize((image_size, image_size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(CIFAR10_MEAN, CIFAR10_STD),
-        ]
-    )
+    """Resize and normalise only: the training pipeline without augmentation."""
+    return train_transform(image_size, auto_augment="none", random_crop_padding=0, horizontal_flip=False)
 
 
 def decode_image(value) -> Image.Image:
@@ -134,6 +128,13 @@ def decode_image(value) -> Image.Image:
     if isinstance(value, dict):
         value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
     return value.convert("RGB")
+
+
+def undecodable(index: int, error: Exception) -> DataError:
+    return DataError(
+        f"cannot decode the image at dataset index {index} ({type(error).__name__}: {error}); "
+        "fix or remove it, or set --skip_bad_images true to skip such images"
+    )
 
 
 def sample_seed(*keys: int) -> int:
@@ -169,10 +170,7 @@ class ImageTransform:
                 image = decode_image(image)
             except Exception as error:
                 if not self.skip_bad_images:
-                    raise DataError(
-                        f"cannot decode the image at dataset index {row} ({type(error).__name__}: {error}); "
-                        "fix or remove it, or set --skip_bad_images true to skip such images"
-                    ) from error
+                    raise undecodable(row, error) from error
                 pixel_values.append(None)
                 labels.append(label)
                 continue
@@ -204,7 +202,6 @@ class MixCollator:
     reason as in ImageTransform."""
 
     def __init__(self, num_labels, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0, mix_switch_prob=0.5, seed=None):
-        self.num_labels = num_labels
         self.mix_prob = mix_prob
         self.seed = seed
         self.epoch = 0
@@ -219,8 +216,8 @@ class MixCollator:
 
     def __call__(self, rows):
         if isinstance(rows, dict):  # DecodedImages already returns a stacked batch
-            batch, first_row = dict(rows), rows.pop("__index__")[0]
-            batch.pop("__index__")
+            batch = dict(rows)
+            first_row = batch.pop("__index__")[0]
         else:
             kept = [row for row in rows if row["pixel_values"] is not None]
             if not kept:
@@ -256,10 +253,7 @@ def decode_all(dataset, image_column: str, label_column: str, image_size: int, s
             images.append(resize(decode_image(row[image_column])))
         except Exception as error:
             if not skip_bad_images:
-                raise DataError(
-                    f"cannot decode the image at dataset index {index} ({type(error).__name__}: {error}); "
-                    "fix or remove it, or set --skip_bad_images true to skip such images"
-                ) from error
+                raise undecodable(index, error) from error
             skipped += 1
             continue
         labels.append(row[label_column])

@@ -326,7 +326,7 @@ def evaluate(model, dataloader, accelerator, flip_tta=False) -> dict:
     return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
 
 
-def write_model_card(output_dir, settings, results, hardware, command, label_names):
+def write_model_card(output_dir, settings, results, command, label_names):
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     data, train = settings["data"], settings["training"]
@@ -375,7 +375,7 @@ A hybrid Vision Transformer (convolutional stem + transformer encoder) trained o
 Validation images are a stratified, seeded {data['train_val_split']:.0%} of the training split
 when the dataset has no validation split; nothing was tuned on the test split.
 
-- Hardware: {hardware}
+- Hardware: {results['hardware']}
 - Command: `{command}`
 - Classes: {", ".join(label_names)}
 
@@ -608,7 +608,6 @@ def train(settings: dict, command: str) -> dict:
                 train_seconds += now - tick
                 run_seconds += now - tick
                 run_images += batch_images * accumulation
-                tick = now
                 progress.update(1)
                 if completed_steps % train_cfg["logging_steps"] == 0 or completed_steps == max_train_steps:
                     lr = scheduler.get_last_lr()[0]
@@ -673,7 +672,7 @@ def train(settings: dict, command: str) -> dict:
         (out / "all_results.json").write_text(json.dumps(results, indent=2))
         (out / "train_config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         (out / "training_log.json").write_text(json.dumps(history, indent=2))
-        write_model_card(output_dir, settings, results, results["hardware"], command, label_names)
+        write_model_card(output_dir, settings, results, command, label_names)
         log(
             f"validation accuracy {results['eval_accuracy']:.4f}"
             + (f", test accuracy {results['test_accuracy']:.4f}" if results["test_accuracy"] is not None else "")
