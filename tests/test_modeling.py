@@ -133,6 +133,9 @@ def test_wrong_inputs_say_what_was_expected(tiny_model):
         (dict(layer_norm_eps=0.0), "layer_norm_eps"),
         (dict(initializer_range=-1.0), "initializer_range"),
         (dict(hidden_act="not_an_activation"), "hidden_act"),
+        (dict(backbone_pool_first="yes"), "backbone_pool_first"),
+        (dict(backbone_whitening_size=-1), "backbone_whitening_size"),
+        (dict(backbone_whitening_size=1.5), "backbone_whitening_size"),
     ],
 )
 def test_invalid_config_raises_naming_the_field(overrides, field):
@@ -146,6 +149,59 @@ def test_backbone_layers_per_stage_deepens_the_stem():
     convs = lambda m: sum(isinstance(x, torch.nn.Conv2d) for x in m.embeddings.backbone)  # noqa: E731
     assert (convs(one), convs(two)) == (2, 4)
     assert two(pixels()).last_hidden_state.shape == one(pixels()).last_hidden_state.shape
+
+
+def test_pool_first_runs_a_stages_later_convolutions_at_the_reduced_resolution():
+    sizes = {}
+    for pool_first in (False, True):
+        model = HybridViTModel(HybridViTConfig(**TINY_MODEL, backbone_layers_per_stage=2, backbone_pool_first=pool_first))
+        seen = []
+        for module in model.embeddings.backbone:
+            if isinstance(module, torch.nn.Conv2d):
+                module.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[-1]))
+        output = model(pixels())
+        sizes[pool_first] = seen
+    # TINY_MODEL: 16x16 images, two stages of two convolutions each, downsampling by 4 in all.
+    assert sizes == {False: [16, 16, 8, 8], True: [16, 8, 8, 4]}
+    assert output.last_hidden_state.shape == (2, 17, TINY_MODEL["hidden_size"])
+
+
+def test_whitening_layer_whitens_training_patches_stays_frozen_and_is_saved(tmp_path):
+    torch.manual_seed(0)
+    model = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, backbone_whitening_size=2))
+    # Correlated, off-centre "images": channel 1 follows channel 0, neighbouring pixels are alike.
+    base = torch.randn(64, 1, 17, 17)
+    smooth = base[..., 1:, 1:] + base[..., :-1, :-1]
+    images = torch.cat([smooth, 0.9 * smooth + 0.1 * torch.randn_like(smooth), torch.randn_like(smooth) + 3], 1)
+    model.fit_whitening(images)
+    whitening = model.hybrid_vit.embeddings.whitening
+    assert whitening.out_channels == 2 * 3 * 2 * 2 and "hybrid_vit.embeddings.whitening.weight" not in dict(model.named_parameters())
+    assert torch.allclose(whitening.weight[:12], -whitening.weight[12:])
+    # On every whole 2x2 patch (the layer's own padding comes from the forward pass, not the
+    # conv), the first 12 filters give centred, uncorrelated, unit-variance outputs; the eps
+    # regularisation shrinks tiny eigenvalues a little.
+    conv = torch.nn.functional.conv2d(images, whitening.weight, whitening.bias)  # no padding, no activation
+    out = conv[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    assert out.mean(0).abs().max() < 1e-4
+    covariance = torch.cov(out.T)
+    assert torch.allclose(covariance, torch.diag(covariance.diagonal()), atol=1e-4)
+    assert covariance.diagonal().min() > 0.9 and covariance.diagonal().max() < 1.0 + 1e-4
+
+    labels = torch.tensor([0, 1] * 32)
+    model.train()(images[:, :, :16, :16], labels=labels).loss.backward()
+    assert whitening.bias.grad is not None and not whitening.weight.requires_grad
+
+    model.save_pretrained(tmp_path)
+    loaded = HybridViTForImageClassification.from_pretrained(tmp_path)
+    assert torch.equal(loaded.hybrid_vit.embeddings.whitening.weight, whitening.weight)
+    assert not loaded.hybrid_vit.embeddings.whitening.weight.requires_grad
+    # Before fitting, the layer passes the pixels through: each patch's values, then their negatives.
+    fresh = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, backbone_whitening_size=2))
+    raw = torch.nn.functional.conv2d(images, fresh.hybrid_vit.embeddings.whitening.weight)
+    assert torch.equal(raw[:, 0], images[:, 0, :-1, :-1]) and torch.equal(raw[:, 12], -images[:, 0, :-1, :-1])
+
+    with pytest.raises(ValueError, match="no whitening layer"):
+        HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL)).fit_whitening(images)
 
 
 def test_drop_path_rises_linearly_and_is_off_in_eval(tiny_config):

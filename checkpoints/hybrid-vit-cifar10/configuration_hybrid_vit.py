@@ -39,6 +39,18 @@ class HybridViTConfig(PretrainedConfig):
             backbone downsamples by `2 ** len(backbone_hidden_sizes)`.
         backbone_layers_per_stage (`int`, *optional*, defaults to 1):
             Conv + BatchNorm + activation blocks in each backbone stage.
+        backbone_pool_first (`bool`, *optional*, defaults to `False`):
+            Put each stage's max-pool right after its first convolution (before that
+            convolution's BatchNorm and activation) instead of at the end of the stage, so
+            the stage's other convolutions run at the reduced resolution. With two layers
+            per stage this is airbench's block: the same depth for about half the FLOPs.
+        backbone_whitening_size (`int`, *optional*, defaults to 0):
+            If positive, the backbone starts with a frozen `k x k` convolution (`k` this
+            value, "same" padding) followed by the activation, whose `2 * num_channels * k * k`
+            filters whiten image patches: the eigenvectors of the patch covariance scaled by
+            the inverse square root of their eigenvalue, and their negatives. Its weights are
+            set from training images by [`HybridViTPreTrainedModel.fit_whitening`] (which
+            `run_train.py` calls before training) and saved with the model. 0: no whitening layer.
         patch_size (`int`, *optional*, defaults to 4):
             Total downsampling of the backbone, i.e. the side of the image patch that one
             token sees. Must equal `2 ** len(backbone_hidden_sizes)` and divide `image_size`.
@@ -78,6 +90,8 @@ class HybridViTConfig(PretrainedConfig):
         num_channels=3,
         backbone_hidden_sizes=(64, 128),
         backbone_layers_per_stage=1,
+        backbone_pool_first=False,
+        backbone_whitening_size=0,
         patch_size=4,
         hidden_size=192,
         num_hidden_layers=6,
@@ -99,6 +113,8 @@ class HybridViTConfig(PretrainedConfig):
         self.num_channels = num_channels
         self.backbone_hidden_sizes = list(backbone_hidden_sizes)
         self.backbone_layers_per_stage = backbone_layers_per_stage
+        self.backbone_pool_first = backbone_pool_first
+        self.backbone_whitening_size = backbone_whitening_size
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -137,6 +153,11 @@ class HybridViTConfig(PretrainedConfig):
             raise ValueError(
                 f"`backbone_hidden_sizes` must be a non-empty list of positive integers, got {self.backbone_hidden_sizes!r}"
             )
+        if not isinstance(self.backbone_pool_first, bool):
+            raise ValueError(f"`backbone_pool_first` must be true or false, got {self.backbone_pool_first!r}")
+        size = self.backbone_whitening_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"`backbone_whitening_size` must be 0 (off) or a positive kernel size, got {size!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

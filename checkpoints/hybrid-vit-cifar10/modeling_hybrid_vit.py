@@ -30,22 +30,69 @@ CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR10_STD = [0.2470, 0.2435, 0.2616]
 
 
+class HybridViTPatchWhitening(nn.Module):
+    """A k x k convolution ("same" padding) whose filters whiten image patches, then the
+    activation. The filters are a buffer, not a parameter: no optimizer or loader can make
+    them trainable; they come from `fit` (training images) and are saved with the model.
+    Until fitted they pass each patch's pixels through unchanged (in +/- pairs). The bias
+    is an ordinary trainable parameter."""
+
+    def __init__(self, config: HybridViTConfig):
+        super().__init__()
+        k, channels = config.backbone_whitening_size, config.num_channels
+        self.kernel_size, self.out_channels = k, 2 * channels * k * k
+        self.padding = ((k - 1) // 2, k // 2) * 2  # left, right, top, bottom: "same" size for even k too
+        self.register_buffer("weight", self.identity_filters(channels, k))
+        self.bias = nn.Parameter(torch.zeros(self.out_channels))
+        self.act = ACT2FN[config.hidden_act]
+
+    @staticmethod
+    def identity_filters(channels: int, k: int) -> torch.Tensor:
+        eye = torch.eye(channels * k * k)
+        return torch.cat([eye, -eye]).view(2 * channels * k * k, channels, k, k)
+
+    @torch.no_grad()
+    def fit(self, pixel_values: torch.Tensor, eps: float = 5e-4):
+        """Set the filters from images (N, C, H, W), normalised as the model sees them: each
+        projects a patch onto an eigenvector of the patch covariance and divides by the square
+        root of its eigenvalue (plus `eps`); the bias centres the output. Filters come in +/-
+        pairs so that the activation keeps both signs."""
+        patches = F.unfold(pixel_values.double(), kernel_size=self.kernel_size)  # (N, C*k*k, L), conv order
+        patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        mean = patches.mean(0)
+        centred = patches - mean
+        eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(centred))
+        filters = eigenvectors.T / (eigenvalues.clamp(min=0) + eps).sqrt()[:, None]  # (C*k*k, C*k*k)
+        filters = torch.cat([filters, -filters])
+        self.weight.copy_(filters.view_as(self.weight).to(self.weight.dtype))
+        self.bias.copy_(-(filters @ mean).to(self.bias.dtype))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(F.pad(pixel_values, self.padding), self.weight.to(pixel_values.dtype), self.bias.to(pixel_values.dtype))
+        return self.act(x)
+
+
 class HybridViTEmbeddings(nn.Module):
     """Conv stem -> tokens, plus CLS token and learnable position embeddings."""
 
     def __init__(self, config: HybridViTConfig):
         super().__init__()
         self.config = config
-        layers, in_channels = [], config.num_channels
+        in_channels = config.num_channels
+        self.whitening = None
+        if config.backbone_whitening_size:
+            self.whitening = HybridViTPatchWhitening(config)
+            in_channels = self.whitening.out_channels
+        layers = []
         for width in config.backbone_hidden_sizes:
-            for _ in range(config.backbone_layers_per_stage):
-                layers += [
-                    nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False),
-                    nn.BatchNorm2d(width),
-                    ACT2FN[config.hidden_act],
-                ]
+            for layer in range(config.backbone_layers_per_stage):
+                layers.append(nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False))
+                if config.backbone_pool_first and layer == 0:
+                    layers.append(nn.MaxPool2d(2))
+                layers += [nn.BatchNorm2d(width), ACT2FN[config.hidden_act]]
                 in_channels = width
-            layers.append(nn.MaxPool2d(2))
+            if not config.backbone_pool_first:
+                layers.append(nn.MaxPool2d(2))
         self.backbone = nn.Sequential(*layers)
         self.to_tokens = nn.Conv2d(in_channels, config.hidden_size, kernel_size=1)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
@@ -65,6 +112,8 @@ class HybridViTEmbeddings(nn.Module):
         return torch.cat([cls_pos, patch_pos], dim=1)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if self.whitening is not None:
+            pixel_values = self.whitening(pixel_values)
         features = self.to_tokens(self.backbone(pixel_values))  # (B, C, H/p, W/p)
         B, C, h, w = features.shape
         tokens = features.flatten(2).transpose(1, 2)  # (B, N, C)
@@ -151,6 +200,14 @@ class HybridViTPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["HybridViTLayer"]
 
+    def fit_whitening(self, pixel_values: torch.Tensor, eps: float = 5e-4):
+        """Fit the backbone's whitening convolution to training images (see
+        `HybridViTPatchWhitening.fit`); needs `config.backbone_whitening_size > 0`."""
+        base = getattr(self, self.base_model_prefix, self)
+        if base.embeddings.whitening is None:
+            raise ValueError("this model has no whitening layer (config.backbone_whitening_size is 0)")
+        base.embeddings.whitening.fit(pixel_values.to(base.embeddings.to_tokens.weight.device), eps)
+
     @torch.no_grad()
     def _init_weights(self, module):
         # transformers.initialization, not torch.nn.init: it skips tensors already loaded
@@ -173,6 +230,9 @@ class HybridViTPreTrainedModel(PreTrainedModel):
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
             init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, HybridViTPatchWhitening):
+            init.copy_(module.weight, module.identity_filters(self.config.num_channels, module.kernel_size))
+            init.zeros_(module.bias)
         elif isinstance(module, HybridViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, std=std)
             init.trunc_normal_(module.cls_token, std=std)
