@@ -177,6 +177,8 @@ def validate(settings: dict):
     for key in ("adam_beta1", "adam_beta2", "warmup_ratio"):
         _check(0 <= train[key] < 1, key, "in [0, 1)", train[key])
     _check(train["max_grad_norm"] >= 0, "max_grad_norm", ">= 0", train["max_grad_norm"])
+    ema = train["ema_decay"]
+    _check(ema is None or (isinstance(ema, (int, float)) and 0 < ema < 1), "ema_decay", "in (0, 1) or null", ema)
     schedulers = [s.value for s in SchedulerType]
     _check(train["lr_scheduler_type"] in schedulers, "lr_scheduler_type", f"one of {schedulers}", train["lr_scheduler_type"])
     _check(train["mixed_precision"] in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16", train["mixed_precision"])
@@ -229,9 +231,10 @@ def resolve_resume_path(resume, output_dir, log) -> Path | None:
     return complete[-1]
 
 
-def save_checkpoint(accelerator, output_dir, step, state, limit, log):
+def save_checkpoint(accelerator, output_dir, step, state, limit, log, ema=None):
     """accelerator.save_state into step_N.incomplete, then rename: a folder named step_N
-    is always complete, so `latest` can never pick a half-written one."""
+    is always complete, so `latest` can never pick a half-written one. The weight average,
+    if any, goes beside it as safetensors."""
     folder = Path(output_dir) / "checkpoints"
     final, staging = folder / f"step_{step}", folder / f"step_{step}{INCOMPLETE_SUFFIX}"
     if accelerator.is_main_process:
@@ -240,6 +243,10 @@ def save_checkpoint(accelerator, output_dir, step, state, limit, log):
     accelerator.save_state(str(staging), safe_serialization=True)
     if accelerator.is_main_process:
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if ema is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(staging / EMA_FILE))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         complete, _ = list_checkpoints(output_dir)
@@ -247,6 +254,9 @@ def save_checkpoint(accelerator, output_dir, step, state, limit, log):
             shutil.rmtree(old, ignore_errors=True)
         log(f"saved checkpoint {final}")
     accelerator.wait_for_everyone()
+
+
+EMA_FILE = "ema.safetensors"
 
 
 def save_best_model(model, output_dir):
@@ -310,7 +320,8 @@ def evaluate(model, dataloader, accelerator, flip_tta=False) -> dict:
     model.eval()
     correct = total = 0
     loss_sum = 0.0
-    with torch.no_grad():
+    # autocast for a model that prepare() did not wrap (the weight average) too
+    with torch.no_grad(), accelerator.autocast():
         for batch in dataloader:
             logits = model(pixel_values=batch["pixel_values"]).logits
             if flip_tta:
@@ -454,6 +465,11 @@ def train(settings: dict, command: str) -> dict:
         label2id={name: i for i, name in enumerate(label_names)},
     )
     model = HybridViTForImageClassification(config)
+    if config.backbone_whitening_size:
+        # From training images only; on resume the checkpoint's (identical) weights replace it.
+        sample = cifar10_data.normalized_images(splits["train"], image_column, label_column, config.image_size, 5000)
+        model.fit_whitening(sample)
+        log(f"whitening layer fitted to {len(sample)} training images")
     num_parameters = model.num_parameters()
     memory_format = torch.channels_last if train_cfg["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -506,6 +522,15 @@ def train(settings: dict, command: str) -> dict:
         lr=train_cfg["learning_rate"],
         betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]),
     )
+    ema = None
+    if train_cfg["ema_decay"] is not None:
+        # A copy of the model (BatchNorm statistics too) that trails the trained weights;
+        # it is what gets evaluated and saved. Made before prepare, so it is a plain module.
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(
+            model, device=accelerator.device, multi_avg_fn=get_ema_multi_avg_fn(train_cfg["ema_decay"]), use_buffers=True
+        )
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     eval_dataloaders = {name: accelerator.prepare(loader) for name, loader in eval_dataloaders.items()}
 
@@ -530,6 +555,12 @@ def train(settings: dict, command: str) -> dict:
         state = json.loads((resume_path / "trainer_state.json").read_text())
         completed_steps, train_seconds = state["step"], state["train_seconds"]
         best_accuracy, history, skipped = state["best_eval_accuracy"], state["history"], state["num_skipped_images"]
+        if ema is not None:
+            if not (resume_path / EMA_FILE).is_file():
+                raise SettingsError(f"{resume_path} has no {EMA_FILE}: it was saved by a run without --ema_decay")
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(str(resume_path / EMA_FILE), device=str(accelerator.device)))
     if report_to != "none":
         flat = {k: str(v) if isinstance(v, list) or v is None else v for s in settings.values() for k, v in s.items()}
         accelerator.init_trackers("tensorboard", config=flat)
@@ -552,6 +583,7 @@ def train(settings: dict, command: str) -> dict:
         + (f", {len(splits['test'])} test" if "test" in splits else "")
         + f"; {num_parameters:,} parameters; {max_train_steps} steps of {batch_images * accumulation} images"
     )
+    eval_model = model if ema is None else ema.module
     progress = tqdm(
         total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train"
     )
@@ -604,6 +636,8 @@ def train(settings: dict, command: str) -> dict:
                 if not accelerator.sync_gradients:
                     continue
                 completed_steps += 1
+                if ema is not None:
+                    ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
                 now = time.perf_counter()
                 train_seconds += now - tick
                 run_seconds += now - tick
@@ -616,12 +650,12 @@ def train(settings: dict, command: str) -> dict:
                     history.append({"step": completed_steps, "epoch": completed_steps / steps_per_epoch, "train_loss": loss_value, "learning_rate": lr})
                     accelerator.log({"train/loss": loss_value, "train/learning_rate": lr}, step=completed_steps)
                 if isinstance(checkpointing, int) and completed_steps % checkpointing == 0:
-                    save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log)
+                    save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log, ema)
                 tick = time.perf_counter()
                 if completed_steps >= max_train_steps or time_up:
                     break
 
-            metrics = evaluate(model, eval_dataloaders["validation"], accelerator)
+            metrics = evaluate(eval_model, eval_dataloaders["validation"], accelerator)
             entry = {"step": completed_steps, "epoch": completed_steps / steps_per_epoch, "train_seconds": train_seconds}
             entry.update({f"eval_{k}": v for k, v in metrics.items()})
             history.append(entry)
@@ -630,24 +664,24 @@ def train(settings: dict, command: str) -> dict:
             if metrics["accuracy"] > best_accuracy:
                 best_accuracy = metrics["accuracy"]
                 if accelerator.is_main_process:
-                    save_best_model(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir)
+                    save_best_model(accelerator.unwrap_model(eval_model, keep_torch_compile=False), output_dir)
                 accelerator.wait_for_everyone()
             if checkpointing == "epoch" or (time_up and checkpointing is not None):
-                save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log)
+                save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log, ema)
     finally:  # leave the bar finished, so an error message is the last line
         progress.close()
 
     # The folder holds the best model: evaluate that one, once, on test.
     from safetensors.torch import load_file
 
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped = accelerator.unwrap_model(eval_model, keep_torch_compile=False)
     best_file = Path(output_dir) / "model.safetensors"
     if best_file.is_file():
         unwrapped.load_state_dict(load_file(best_file))
     elif accelerator.is_main_process:  # resumed at the very end, before any evaluation was saved
         save_best_model(unwrapped, output_dir)
-    best = evaluate(model, eval_dataloaders["validation"], accelerator)
-    best_tta = evaluate(model, eval_dataloaders["validation"], accelerator, flip_tta=True)
+    best = evaluate(eval_model, eval_dataloaders["validation"], accelerator)
+    best_tta = evaluate(eval_model, eval_dataloaders["validation"], accelerator, flip_tta=True)
     results = {
         "eval_accuracy": best["accuracy"],
         "eval_accuracy_flip_tta": best_tta["accuracy"],
@@ -664,7 +698,7 @@ def train(settings: dict, command: str) -> dict:
         "hardware": hardware_description(accelerator),
     }
     if "test" in eval_dataloaders:
-        test = evaluate(model, eval_dataloaders["test"], accelerator)
+        test = evaluate(eval_model, eval_dataloaders["test"], accelerator)
         results.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_samples=test["samples"])
     accelerator.end_training()
     if accelerator.is_main_process:

@@ -115,9 +115,11 @@ def test_the_same_seed_gives_the_same_weights_and_resume_is_exact(dataset_dir, t
 
 def test_decoded_tensors_channels_last_resume_exactly_too(dataset_dir, tmp_path, env):
     """The decode-once path (batched crop and flip, a per-image policy, MixUp) in
-    channels_last: 8 steps straight equal 4 steps plus a resume to 8, and the run learns."""
+    channels_last, with an airbench-style backbone (whitening layer, pool-first stages):
+    8 steps straight equal 4 steps plus a resume to 8, and the run learns."""
     args = ["--decode_once=true", "--channels_last=true", "--max_train_steps=8", "--checkpointing_steps=2",
-            "--checkpoints_total_limit=null", "--per_device_train_batch_size=5", "--drop_path_rate=0.2"]
+            "--checkpoints_total_limit=null", "--per_device_train_batch_size=5", "--drop_path_rate=0.2",
+            "--backbone_whitening_size=2", "--backbone_pool_first=true", "--backbone_layers_per_stage=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     result = train(base_args(dataset_dir, straight, *args), env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -128,6 +130,38 @@ def test_decoded_tensors_channels_last_resume_exactly_too(dataset_dir, tmp_path,
     assert_same_weights(weights(resumed / "checkpoints/step_8"), weights(straight / "checkpoints/step_8"))
     results = json.loads((straight / "all_results.json").read_text())
     assert results["eval_samples"] == 6 and results["test_samples"] == 9
+    # The whitening filters were fitted to the training images (+/- pairs) and stayed frozen.
+    assert "whitening layer fitted to 24 training images" in result.stderr
+    fitted = weights(straight)["hybrid_vit.embeddings.whitening.weight"]
+    assert torch.equal(fitted[:12], -fitted[12:])
+    assert torch.equal(fitted, weights(straight / "checkpoints/step_2")["hybrid_vit.embeddings.whitening.weight"])
+
+
+def test_weight_average_is_what_gets_saved_and_resumes_exactly(dataset_dir, tmp_path, env):
+    args = ["--decode_once=true", "--max_train_steps=8", "--checkpointing_steps=2", "--checkpoints_total_limit=null",
+            "--per_device_train_batch_size=5", "--ema_decay=0.5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = train(base_args(dataset_dir, straight, *args), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints/step_4", resumed / "checkpoints/step_4")
+    result = train(base_args(dataset_dir, resumed, *args, "--resume_from_checkpoint=latest"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ema = {step: load_file(str(straight / f"checkpoints/step_{step}/ema.safetensors")) for step in (4, 8)}
+    assert_same_weights(load_file(str(resumed / "checkpoints/step_8/ema.safetensors")), ema[8])
+    assert ema[8]["n_averaged"].item() == 8
+    trained = weights(straight / "checkpoints/step_8")
+    assert not torch.equal(ema[8]["module.classifier.weight"], trained["classifier.weight"])
+    # The folder's model is the average as it stood after the best epoch (4 steps each).
+    saved = weights(straight)
+    assert any(
+        all(torch.equal(saved[key], average[f"module.{key}"]) for key in saved) for average in ema.values()
+    )
+
+    # Resuming with an average from a checkpoint that has none is refused, not guessed.
+    (straight / "checkpoints/step_8/ema.safetensors").unlink()
+    result = train(base_args(dataset_dir, straight, *args, "--resume_from_checkpoint=latest"), env)
+    assert result.returncode == 2 and "has no ema.safetensors" in result.stderr
 
 
 def test_torch_compile_trains_and_saves_plain_weights(dataset_dir, tmp_path, env):
@@ -244,6 +278,8 @@ def test_settings_override_and_layer(tmp_path):
         (["--learning_rate", "fast"], "--learning_rate expects a number, got 'fast'"),
         (["--learning_rate", "-1"], "--learning_rate must be > 0"),
         (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
+        (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1) or null, got 1.5"),
+        (["--backbone_whitening_size", "-2"], "`backbone_whitening_size` must be 0 (off) or a positive kernel size"),
         (["--hidden_size", "30", "--num_attention_heads", "4"], "`hidden_size` (30) must be divisible"),
         (["--config", "/nonexistent.yaml"], "config file not found"),
     ],
