@@ -276,6 +276,8 @@ def main(argv=None):
     parser.add_argument("--matmul_size", type=int, default=2048)
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--models", nargs="+", choices=["hybrid-vit", "stock-vit"], default=["hybrid-vit", "stock-vit"],
+                        help="which models to measure for each config (default: both, side by side)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output_json", default="benchmark.json")
     parser.add_argument("--output_md", default="benchmark.md")
@@ -302,7 +304,7 @@ def main(argv=None):
         "results": [],
     }
     dataset_name = args.dataset_name or synthetic_dataset_folder(Path(args.output_json).resolve().parent, 32)
-    jobs = [(path, name) for path in args.configs for name in ("hybrid-vit", "stock-vit")]
+    jobs = [(path, name) for path in args.configs for name in args.models]
     for path, name in tqdm(jobs, desc="benchmark"):
         settings = load_run_settings(path)
         model = build_models(settings["model"])[name].to(device).to(memory_format=memory_format)
