@@ -1,6 +1,7 @@
 """run_train.py end to end on tiny in-memory datasets: the output folder, exact resume,
 the time limit, two processes, augmentation, and clear errors that leave nothing behind."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -330,7 +331,7 @@ def test_flip_tta_averages_each_image_with_its_mirror():
     images = torch.zeros(2, 3, 4, 4)
     images[..., 0] = 1.0  # bright left edge: class 0
     loader = [{"pixel_values": images, "labels": torch.tensor([0, 0])}]
-    accelerator = SimpleNamespace(gather_for_metrics=lambda tensors: tensors)
+    accelerator = SimpleNamespace(gather_for_metrics=lambda tensors: tensors, autocast=contextlib.nullcontext)
     plain = run_train.evaluate(LeftVersusRight(), loader, accelerator)
     tta = run_train.evaluate(LeftVersusRight(), loader, accelerator, flip_tta=True)
     assert plain["accuracy"] == 1.0 and plain["samples"] == 2
