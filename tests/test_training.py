@@ -89,6 +89,19 @@ def test_a_short_run_writes_a_folder_a_fresh_process_loads(dataset_dir, tmp_path
     assert loaded.stdout.strip().splitlines()[-1] in {"class_0", "class_1", "class_2"}
 
 
+def straight_then_resumed(dataset_dir, tmp_path, env, args, from_step):
+    """Train with `args` in tmp_path/straight, copy its step_{from_step} checkpoint into a
+    fresh tmp_path/resumed and resume there. Returns both folders and the resumed run."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = train(base_args(dataset_dir, straight, *args), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / f"checkpoints/step_{from_step}", resumed / f"checkpoints/step_{from_step}")
+    result = train(base_args(dataset_dir, resumed, *args, "--resume_from_checkpoint=latest"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return straight, resumed, result
+
+
 def test_the_same_seed_gives_the_same_weights_and_resume_is_exact(dataset_dir, tmp_path, env):
     """10 steps straight equal 6 steps plus a resume to 10. Step 6 is mid-epoch (6 steps per
     epoch would make it a boundary: 24 images / 4 = 6, so use batch 5 -> 4 steps per epoch),
@@ -121,13 +134,7 @@ def test_decoded_tensors_channels_last_resume_exactly_too(dataset_dir, tmp_path,
     args = ["--decode_once=true", "--channels_last=true", "--max_train_steps=8", "--checkpointing_steps=2",
             "--checkpoints_total_limit=null", "--per_device_train_batch_size=5", "--drop_path_rate=0.2",
             "--backbone_whitening_size=2", "--backbone_pool_first=true", "--backbone_layers_per_stage=2"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = train(base_args(dataset_dir, straight, *args), env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints/step_4", resumed / "checkpoints/step_4")
-    result = train(base_args(dataset_dir, resumed, *args, "--resume_from_checkpoint=latest"), env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    straight, resumed, result = straight_then_resumed(dataset_dir, tmp_path, env, args, from_step=4)
     assert_same_weights(weights(resumed / "checkpoints/step_8"), weights(straight / "checkpoints/step_8"))
     results = json.loads((straight / "all_results.json").read_text())
     assert results["eval_samples"] == 6 and results["test_samples"] == 9
@@ -141,13 +148,7 @@ def test_decoded_tensors_channels_last_resume_exactly_too(dataset_dir, tmp_path,
 def test_weight_average_is_what_gets_saved_and_resumes_exactly(dataset_dir, tmp_path, env):
     args = ["--decode_once=true", "--max_train_steps=8", "--checkpointing_steps=2", "--checkpoints_total_limit=null",
             "--per_device_train_batch_size=5", "--ema_decay=0.5"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = train(base_args(dataset_dir, straight, *args), env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints/step_4", resumed / "checkpoints/step_4")
-    result = train(base_args(dataset_dir, resumed, *args, "--resume_from_checkpoint=latest"), env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    straight, resumed, result = straight_then_resumed(dataset_dir, tmp_path, env, args, from_step=4)
     ema = {step: load_file(str(straight / f"checkpoints/step_{step}/ema.safetensors")) for step in (4, 8)}
     assert_same_weights(load_file(str(resumed / "checkpoints/step_8/ema.safetensors")), ema[8])
     assert ema[8]["n_averaged"].item() == 8
