@@ -262,16 +262,6 @@ def decode_all(dataset, image_column: str, label_column: str, image_size: int, s
     return torch.stack(images).to(device), torch.tensor(labels, dtype=torch.long, device=device), skipped
 
 
-def normalized_images(dataset, image_column: str, label_column: str, image_size: int, limit: int) -> torch.Tensor:
-    """The first `limit` images of a split as the model sees them at evaluation: decoded,
-    resized and normalised, (N, 3, H, W) float32. Undecodable images are left out."""
-    sample = dataset.select(range(min(limit, len(dataset))))
-    images, _, _ = decode_all(sample, image_column, label_column, image_size, skip_bad_images=True)
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
-
-
 def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Per-image random crop (after reflect padding) and horizontal flip of a whole batch
     (B, C, H, W) in a few tensor ops. Written by hand because torchvision's v2 transforms
@@ -333,6 +323,14 @@ class DecodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return self.__getitems__([index])
+
+
+def normalized_images(dataset, image_column: str, label_column: str, image_size: int, limit: int) -> torch.Tensor:
+    """The first `limit` images of a split as the model sees them at evaluation: decoded,
+    resized and normalised, (N, 3, H, W) float32. Undecodable images are left out."""
+    sample = dataset.select(range(min(limit, len(dataset))))
+    images, labels, _ = decode_all(sample, image_column, label_column, image_size, skip_bad_images=True)
+    return DecodedImages(images, labels).__getitems__(list(range(len(labels))))["pixel_values"]
 
 
 def build_datasets(
