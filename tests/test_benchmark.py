@@ -29,3 +29,17 @@ def test_benchmark_writes_json_and_table_for_ours_and_the_stock_vit(dataset_dir,
     assert report["matmul_gflops_float32"] > 0 and report["machine"]["cores"] >= 1
     table = out_md.read_text()
     assert "| hybrid-vit |" in table and "| stock-vit |" in table and "GFLOP/s" in table
+
+
+def test_models_option_measures_only_the_models_named(dataset_dir, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    model = "\n".join(f"  {key}: {value}" for key, value in TINY_MODEL.items())
+    config.write_text(f"model:\n{model}\n  backbone_whitening_size: 2\ndata:\n  decode_once: true\n  mixup_alpha: 0.0\n")
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    benchmark.main([
+        "--configs", str(config), "--models", "hybrid-vit", "--dataset_name", str(dataset_dir), "--batch_size", "4",
+        "--inference_batch_size", "8", "--warmup", "1", "--repeats", "1", "--matmul_size", "64",
+        "--max_samples", "16", "--output_json", str(out_json), "--output_md", str(out_md),
+    ])
+    assert [row["model"] for row in json.loads(out_json.read_text())["results"]] == ["hybrid-vit"]
+    assert "| stock-vit |" not in out_md.read_text()
