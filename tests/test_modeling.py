@@ -59,6 +59,22 @@ def test_attentions_are_returned_with_rows_summing_to_one(attn_implementation):
     torch.testing.assert_close(plain.logits, out.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_probabilities_stay_float32_under_bf16_autocast():
+    """The explicit path keeps scores and softmax in float32 under autocast, as the fused
+    kernels do, so attention maps drawn from a bf16 run are exact probabilities."""
+    torch.manual_seed(0)
+    model = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        reference = model(pixels(), output_attentions=True).attentions
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(pixels(), output_attentions=True)
+    assert out.logits.dtype == torch.bfloat16  # the rest of the model did run in bf16
+    for attention, exact in zip(out.attentions, reference):
+        assert attention.dtype == torch.float32
+        torch.testing.assert_close(attention.sum(-1), torch.ones(attention.shape[:-1]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(attention, exact, atol=2e-2, rtol=0)
+
+
 def test_eager_and_sdpa_give_the_same_logits():
     torch.manual_seed(0)
     eager = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, attn_implementation="eager")).eval()
