@@ -141,9 +141,12 @@ class HybridViTAttention(nn.Module):
         qkv = self.to_qkv(x).view(B, N, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, nh, N, hs)
         if output_attentions or self.config._attn_implementation == "eager":
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, nh, N, N)
-            attentions = scores.softmax(dim=-1)
-            out = self.attn_dropout(attentions) @ v
+            # Scores and softmax in float32 even under autocast, as the fused kernels keep
+            # them: bf16 rounds a score of 10 by 0.03, which moves its probability by 3%.
+            with torch.autocast(q.device.type, enabled=False):
+                scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, nh, N, N)
+                attentions = scores.softmax(dim=-1)
+            out = self.attn_dropout(attentions.to(v.dtype)) @ v
         else:
             attentions = None
             dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
