@@ -148,6 +148,8 @@ def validate(settings: dict):
     from configuration_hybrid_vit import HybridViTConfig
 
     data, train = settings["data"], settings["training"]
+    attention = settings["model"]["attn_implementation"]
+    _check(attention in ("sdpa", "eager"), "attn_implementation", "sdpa or eager", attention)
 
     def positive_int_or_none(key, section):
         value = section[key]

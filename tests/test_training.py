@@ -133,7 +133,8 @@ def test_decoded_tensors_channels_last_resume_exactly_too(dataset_dir, tmp_path,
     8 steps straight equal 4 steps plus a resume to 8, and the run learns."""
     args = ["--decode_once=true", "--channels_last=true", "--max_train_steps=8", "--checkpointing_steps=2",
             "--checkpoints_total_limit=null", "--per_device_train_batch_size=5", "--drop_path_rate=0.2",
-            "--backbone_whitening_size=2", "--backbone_pool_first=true", "--backbone_layers_per_stage=2"]
+            "--backbone_whitening_size=2", "--backbone_pool_first=true", "--backbone_layers_per_stage=2",
+            "--attn_implementation=eager"]
     straight, resumed, result = straight_then_resumed(dataset_dir, tmp_path, env, args, from_step=4)
     assert_same_weights(weights(resumed / "checkpoints/step_8"), weights(straight / "checkpoints/step_8"))
     results = json.loads((straight / "all_results.json").read_text())
@@ -143,6 +144,8 @@ def test_decoded_tensors_channels_last_resume_exactly_too(dataset_dir, tmp_path,
     fitted = weights(straight)["hybrid_vit.embeddings.whitening.weight"]
     assert torch.equal(fitted[:12], -fitted[12:])
     assert torch.equal(fitted, weights(straight / "checkpoints/step_2")["hybrid_vit.embeddings.whitening.weight"])
+    # Eager attention was a choice for this machine, not part of the model: loading picks the default.
+    assert "attn_implementation" not in (straight / "config.json").read_text()
 
 
 def test_weight_average_is_what_gets_saved_and_resumes_exactly(dataset_dir, tmp_path, env):
@@ -281,6 +284,7 @@ def test_settings_override_and_layer(tmp_path):
         (["--learning_rate", "-1"], "--learning_rate must be > 0"),
         (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
         (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1) or null, got 1.5"),
+        (["--attn_implementation", "flash"], "--attn_implementation must be sdpa or eager, got 'flash'"),
         (["--backbone_whitening_size", "-2"], "`backbone_whitening_size` must be 0 (off) or a positive kernel size"),
         (["--hidden_size", "30", "--num_attention_heads", "4"], "`hidden_size` (30) must be divisible"),
         (["--config", "/nonexistent.yaml"], "config file not found"),
