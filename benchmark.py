@@ -107,7 +107,7 @@ def build_models(model_settings: dict):
             intermediate_size=config.intermediate_size,
             hidden_act=config.hidden_act,
             num_labels=config.num_labels,
-            attn_implementation="sdpa",
+            attn_implementation=config._attn_implementation,  # the same attention code path as ours
         )
     )
     return {"hybrid-vit": ours, "stock-vit": vit}
@@ -249,13 +249,13 @@ def markdown_table(report: dict) -> str:
         f"{report['matmul_gflops_float32']:.0f} GFLOP/s"
         + (f", bfloat16 {report['matmul_gflops_bfloat16']:.0f} GFLOP/s." if report.get("matmul_gflops_bfloat16") else "."),
         "",
-        "| config | model | params | tokens | train GFLOP/img | train img/s (with input pipeline) | train img/s (model only) "
+        "| config | model | attention | params | tokens | train GFLOP/img | train img/s (with input pipeline) | train img/s (model only) "
         f"| train GFLOP/s (% of fp32 matmul) | inference img/s (batch {report['settings']['inference_batch_size']}) | latency ms (batch 1) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report["results"]:
         lines.append(
-            f"| {row['config']} | {row['model']} | {row['parameters'] / 1e6:.2f} M | {row['tokens']} "
+            f"| {row['config']} | {row['model']} | {row.get('attention', 'sdpa')} | {row['parameters'] / 1e6:.2f} M | {row['tokens']} "
             f"| {row['train_gflops_per_image']:.3f} | {row['train_images_per_second_with_data']:.0f} "
             f"| {row['train_images_per_second']:.0f} | {row['train_gflops_per_second']:.0f} ({100 * row['fraction_of_matmul']:.0f}%) "
             f"| {row['inference_images_per_second']:.0f} | {row['latency_ms_batch_1']:.2f} |"
@@ -326,6 +326,7 @@ def main(argv=None):
             {
                 "config": path,
                 "model": name,
+                "attention": model.config._attn_implementation,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "tokens": (image_size // settings["model"]["patch_size"]) ** 2,
                 "forward_gflops_per_image": flops_per_image(model, image_size, device, train=False) / 1e9,

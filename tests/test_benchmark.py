@@ -9,7 +9,7 @@ from tests.conftest import TINY_MODEL
 def test_benchmark_writes_json_and_table_for_ours_and_the_stock_vit(dataset_dir, tmp_path):
     config = tmp_path / "tiny.yaml"
     model = "\n".join(f"  {key}: {value}" for key, value in TINY_MODEL.items())
-    config.write_text(f"model:\n{model}\ndata:\n  decode_once: true\n  mixup_alpha: 0.0\n")
+    config.write_text(f"model:\n{model}\n  attn_implementation: eager\ndata:\n  decode_once: true\n  mixup_alpha: 0.0\n")
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     benchmark.main([
         "--configs", str(config), "--dataset_name", str(dataset_dir), "--batch_size", "4",
@@ -20,6 +20,7 @@ def test_benchmark_writes_json_and_table_for_ours_and_the_stock_vit(dataset_dir,
     assert [row["model"] for row in report["results"]] == ["hybrid-vit", "stock-vit"]
     ours, vit = report["results"]
     assert ours["tokens"] == vit["tokens"] == (16 // 4) ** 2
+    assert ours["attention"] == vit["attention"] == "eager"  # both run the config's attention code path
     for row in report["results"]:
         for key in ("train_images_per_second", "train_images_per_second_with_data", "inference_images_per_second",
                     "latency_ms_batch_1", "train_gflops_per_image", "fraction_of_matmul"):
@@ -28,7 +29,7 @@ def test_benchmark_writes_json_and_table_for_ours_and_the_stock_vit(dataset_dir,
         assert 2 < row["train_gflops_per_image"] / row["forward_gflops_per_image"] < 4
     assert report["matmul_gflops_float32"] > 0 and report["machine"]["cores"] >= 1
     table = out_md.read_text()
-    assert "| hybrid-vit |" in table and "| stock-vit |" in table and "GFLOP/s" in table
+    assert "| hybrid-vit | eager |" in table and "| stock-vit | eager |" in table and "GFLOP/s" in table
 
 
 def test_models_option_measures_only_the_models_named(dataset_dir, tmp_path):
