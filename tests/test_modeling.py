@@ -345,7 +345,9 @@ def test_default_yaml_model_section_maps_one_to_one_onto_the_config():
 
     model = yaml.safe_load((PROJECT_ROOT / "default.yaml").read_text())["model"]
     fields = [name for name in inspect.signature(HybridViTConfig.__init__).parameters if name not in ("self", "kwargs")]
-    assert sorted(model) == sorted(fields)
+    # Plus transformers' own `attn_implementation`, whose default is the one a model gets without it.
+    assert sorted(model) == sorted(fields + ["attn_implementation"])
+    assert model.pop("attn_implementation") == HybridViTForImageClassification(HybridViTConfig()).config._attn_implementation
     config, defaults = HybridViTConfig(**model), HybridViTConfig()
     for name in fields:
         assert getattr(config, name) == getattr(defaults, name), name
