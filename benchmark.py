@@ -255,7 +255,7 @@ def markdown_table(report: dict) -> str:
     ]
     for row in report["results"]:
         lines.append(
-            f"| {row['config']} | {row['model']} | {row.get('attention', 'sdpa')} | {row['parameters'] / 1e6:.2f} M | {row['tokens']} "
+            f"| {row['config']} | {row['model']} | {row['attention']} | {row['parameters'] / 1e6:.2f} M | {row['tokens']} "
             f"| {row['train_gflops_per_image']:.3f} | {row['train_images_per_second_with_data']:.0f} "
             f"| {row['train_images_per_second']:.0f} | {row['train_gflops_per_second']:.0f} ({100 * row['fraction_of_matmul']:.0f}%) "
             f"| {row['inference_images_per_second']:.0f} | {row['latency_ms_batch_1']:.2f} |"
