@@ -176,7 +176,8 @@ def validate(settings: dict):
         _check(isinstance(train[key], int) and train[key] > 0, key, "a positive integer", train[key])
     _check(train["learning_rate"] > 0, "learning_rate", "> 0", train["learning_rate"])
     _check(train["weight_decay"] >= 0, "weight_decay", ">= 0", train["weight_decay"])
-    for key in ("adam_beta1", "adam_beta2", "warmup_ratio"):
+    _check(train["optimizer"] in ("adamw", "sgd"), "optimizer", "adamw or sgd", train["optimizer"])
+    for key in ("adam_beta1", "adam_beta2", "sgd_momentum", "warmup_ratio"):
         _check(0 <= train[key] < 1, key, "in [0, 1)", train[key])
     _check(train["max_grad_norm"] >= 0, "max_grad_norm", ">= 0", train["max_grad_norm"])
     ema = train["ema_decay"]
@@ -303,7 +304,7 @@ def hardware_description(accelerator) -> str:
 
 
 def parameter_groups(model, weight_decay):
-    """AdamW groups: no weight decay on norms, biases, position embeddings or the CLS token."""
+    """Optimiser groups: no weight decay on norms, biases, position embeddings or the CLS token."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -311,6 +312,15 @@ def parameter_groups(model, weight_decay):
         exempt = parameter.ndim <= 1 or name.endswith(("position_embeddings", "cls_token"))
         (no_decay if exempt else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay), or SGD with Nesterov momentum as airbench trains its
+    CNN (weight decay added to the gradient, so it wants values like 5e-4, not 0.05)."""
+    groups = parameter_groups(model, train_cfg["weight_decay"])
+    if train_cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg["learning_rate"], momentum=train_cfg["sgd_momentum"], nesterov=True)
+    return torch.optim.AdamW(groups, lr=train_cfg["learning_rate"], betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]))
 
 
 def evaluate(model, dataloader, accelerator, flip_tta=False) -> dict:
@@ -519,11 +529,7 @@ def train(settings: dict, command: str) -> dict:
             f"(--per_device_train_batch_size {train_cfg['per_device_train_batch_size']})"
         )
 
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, train_cfg["weight_decay"]),
-        lr=train_cfg["learning_rate"],
-        betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]),
-    )
+    optimizer = make_optimizer(model, train_cfg)
     ema = None
     if train_cfg["ema_decay"] is not None:
         # A copy of the model (BatchNorm statistics too) that trails the trained weights;

@@ -169,6 +169,30 @@ def test_weight_average_is_what_gets_saved_and_resumes_exactly(dataset_dir, tmp_
     assert result.returncode == 2 and "has no ema.safetensors" in result.stderr
 
 
+def test_sgd_is_nesterov_without_decay_on_norms_and_its_momentum_resumes_exactly(dataset_dir, tmp_path, env):
+    from modeling_hybrid_vit import HybridViTConfig, HybridViTForImageClassification
+
+    model = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, num_labels=3))
+    settings = {"optimizer": "sgd", "learning_rate": 0.1, "weight_decay": 5e-4, "sgd_momentum": 0.85}
+    optimizer = run_train.make_optimizer(model, settings)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert all(g["nesterov"] and g["momentum"] == 0.85 and g["lr"] == 0.1 for g in optimizer.param_groups)
+    decayed, exempt = optimizer.param_groups
+    assert decayed["weight_decay"] == 5e-4 and exempt["weight_decay"] == 0.0
+    assert any(p is model.classifier.weight for p in decayed["params"])
+    assert any(p is model.classifier.bias for p in exempt["params"])
+    adamw = run_train.make_optimizer(model, {**settings, "optimizer": "adamw", "adam_beta1": 0.9, "adam_beta2": 0.99})
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["betas"] == (0.9, 0.99)
+
+    # The momentum buffers are part of the checkpoint: 6 steps straight equal 3 plus a resume.
+    args = ["--optimizer=sgd", "--learning_rate=0.05", "--weight_decay=5e-4", "--max_train_steps=6",
+            "--checkpointing_steps=3", "--checkpoints_total_limit=null", "--per_device_train_batch_size=5"]
+    straight, resumed, _ = straight_then_resumed(dataset_dir, tmp_path, env, args, from_step=3)
+    final = weights(straight / "checkpoints/step_6")
+    assert_same_weights(weights(resumed / "checkpoints/step_6"), final)
+    assert not torch.equal(weights(straight / "checkpoints/step_3")["classifier.weight"], final["classifier.weight"])
+
+
 def test_torch_compile_trains_and_saves_plain_weights(dataset_dir, tmp_path, env):
     out = tmp_path / "run"
     result = train(base_args(dataset_dir, out, "--torch_compile=true", "--decode_once=true", "--max_train_steps=2"), env)
@@ -284,6 +308,7 @@ def test_settings_override_and_layer(tmp_path):
         (["--learning_rate", "-1"], "--learning_rate must be > 0"),
         (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
         (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1) or null, got 1.5"),
+        (["--optimizer", "lion"], "--optimizer must be adamw or sgd, got 'lion'"),
         (["--attn_implementation", "flash"], "--attn_implementation must be sdpa or eager, got 'flash'"),
         (["--backbone_whitening_size", "-2"], "`backbone_whitening_size` must be 0 (off) or a positive kernel size"),
         (["--hidden_size", "30", "--num_attention_heads", "4"], "`hidden_size` (30) must be divisible"),
