@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,7 +42,7 @@ def plot_curves(run_dirs, labels=None):
         # Training-loss records carry steps, not seconds: place them by the epoch clock.
         epochs = [r["epoch"] for r in evaluations]
         if losses:
-            loss_minutes = [_interpolate(r["epoch"], epochs, minutes) for r in losses]
+            loss_minutes = np.interp([r["epoch"] for r in losses], [0.0, *epochs], [0.0, *minutes])
             loss_axis.plot(loss_minutes, [r["train_loss"] for r in losses], color=line.get_color(), linewidth=1, label=label)
     accuracy_axis.set(xlabel="training minutes", ylabel="validation accuracy (%)", title="Validation accuracy after each epoch")
     loss_axis.set(xlabel="training minutes", ylabel="training loss", title="Training loss (logged steps)")
@@ -50,15 +51,6 @@ def plot_curves(run_dirs, labels=None):
         axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
-
-
-def _interpolate(epoch, epochs, minutes):
-    """Minutes at `epoch`, linear between the evaluated epochs (0 minutes at epoch 0)."""
-    points = list(zip([0.0, *epochs], [0.0, *minutes]))
-    for (e0, m0), (e1, m1) in zip(points, points[1:]):
-        if epoch <= e1:
-            return m0 + (m1 - m0) * (epoch - e0) / (e1 - e0) if e1 > e0 else m1
-    return points[-1][1]
 
 
 def main(argv=None) -> int:
