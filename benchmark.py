@@ -5,7 +5,8 @@ at the same width, depth and token count, and against the machine's own ceiling.
     python benchmark.py --configs configs/cpu.yaml --mixed_precision bf16 --channels_last
 
 For each configuration, in one run on one machine:
-- training images/s for a full step (forward, backward, AdamW), with the input pipeline
+- training images/s for a full step (forward, backward, and the config's optimiser as
+  run_train.py builds it: AdamW or Nesterov SGD), with the input pipeline
   (the config's own: lazy `datasets` transforms or decode-once tensors) and without it
   (a fixed batch already in memory), so the gap shows whether input is the bottleneck;
 - inference images/s at batch 256 and latency at batch 1;
@@ -139,13 +140,12 @@ def time_calls(step, warmup: int, repeats: int, device) -> list[float]:
     return times
 
 
-def training_throughput(model, batches, device, autocast_dtype, memory_format, warmup, repeats) -> float:
+def training_throughput(model, batches, optimizer, device, autocast_dtype, memory_format, warmup, repeats) -> float:
     """Images/s of full training steps; `batches()` yields each step's batch (from the
     pipeline, or the same batch over and over)."""
     import torch.nn.functional as F
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     iterator = batches()
 
     def step():
@@ -249,13 +249,13 @@ def markdown_table(report: dict) -> str:
         f"{report['matmul_gflops_float32']:.0f} GFLOP/s"
         + (f", bfloat16 {report['matmul_gflops_bfloat16']:.0f} GFLOP/s." if report.get("matmul_gflops_bfloat16") else "."),
         "",
-        "| config | model | attention | params | tokens | train GFLOP/img | train img/s (with input pipeline) | train img/s (model only) "
+        "| config | model | attention | optimizer | params | tokens | train GFLOP/img | train img/s (with input pipeline) | train img/s (model only) "
         f"| train GFLOP/s (% of fp32 matmul) | inference img/s (batch {report['settings']['inference_batch_size']}) | latency ms (batch 1) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report["results"]:
         lines.append(
-            f"| {row['config']} | {row['model']} | {row['attention']} | {row['parameters'] / 1e6:.2f} M | {row['tokens']} "
+            f"| {row['config']} | {row['model']} | {row['attention']} | {row['optimizer']} | {row['parameters'] / 1e6:.2f} M | {row['tokens']} "
             f"| {row['train_gflops_per_image']:.3f} | {row['train_images_per_second_with_data']:.0f} "
             f"| {row['train_images_per_second']:.0f} | {row['train_gflops_per_second']:.0f} ({100 * row['fraction_of_matmul']:.0f}%) "
             f"| {row['inference_images_per_second']:.0f} | {row['latency_ms_batch_1']:.2f} |"
@@ -285,6 +285,8 @@ def main(argv=None):
 
     from tqdm.auto import tqdm
 
+    from run_train import make_optimizer
+
     device = torch.device(args.device)
     autocast_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -310,12 +312,14 @@ def main(argv=None):
         model = build_models(settings["model"])[name].to(device).to(memory_format=memory_format)
         image_size = settings["model"]["image_size"]
         train_flops = flops_per_image(model, image_size, device, train=True)
+        # The step's optimiser is the run's (its learning rate does not change the speed).
+        optimizer = make_optimizer(model, settings["training"])
         with_data = training_throughput(
             model, pipeline_batches(settings, args.batch_size, dataset_name, args.max_samples, device, model.config.num_labels),
-            device, autocast_dtype, memory_format, args.warmup, args.repeats,
+            optimizer, device, autocast_dtype, memory_format, args.warmup, args.repeats,
         )
         model_only = training_throughput(
-            model, fixed_batches(args.batch_size, image_size, device), device, autocast_dtype, memory_format,
+            model, fixed_batches(args.batch_size, image_size, device), optimizer, device, autocast_dtype, memory_format,
             args.warmup, args.repeats,
         )
         throughput, latency = inference(
@@ -327,6 +331,7 @@ def main(argv=None):
                 "config": path,
                 "model": name,
                 "attention": model.config._attn_implementation,
+                "optimizer": type(optimizer).__name__,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "tokens": (image_size // settings["model"]["patch_size"]) ** 2,
                 "forward_gflops_per_image": flops_per_image(model, image_size, device, train=False) / 1e9,
