@@ -282,6 +282,23 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: 
     return images
 
 
+def tta_views(pixel_values: torch.Tensor, shift: int = 0) -> list[tuple[torch.Tensor, float]]:
+    """The views of a batch (B, C, H, W) that test-time augmentation averages over, each
+    with its weight (the weights sum to 1): the batch and its mirror image, and with
+    `shift` > 0 also both of them translated by `shift` pixels down-right and up-left
+    (reflect padding, as in training's random crop). The untranslated pair keeps half
+    the weight, so a shift can only refine, not outvote, the view the model sees most."""
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    pairs = [pixel_values]
+    if shift:
+        H, W = pixel_values.shape[-2:]
+        padded = torch.nn.functional.pad(pixel_values, (shift,) * 4, mode="reflect")
+        pairs += [padded[..., :H, :W], padded[..., 2 * shift:, 2 * shift:]]
+    weights = [1.0] if not shift else [0.5, 0.25, 0.25]
+    return [(view, weight / 2) for images, weight in zip(pairs, weights) for view in (images, images.flip(-1))]
+
+
 class DecodedImages(torch.utils.data.Dataset):
     """Images decoded once (see `decode_all`), served as whole augmented, normalised batches
     through `__getitems__`, so a DataLoader (and Accelerate's sharding of it) hands out

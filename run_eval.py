@@ -24,13 +24,14 @@ from visualize import InputError, dataset_images, display_image, load_model, loa
 
 
 def evaluate_model(model, processor, dataset, image_column: str, label_column: str, batch_size: int = 128,
-                   tta: bool = False, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   tta: bool = False, progress: bool = True, tta_shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels (N,) and class probabilities (N, C) for every image of `dataset`, preprocessed
     in batches by the model's own processor. With `tta`, the softmax of each image and of
-    its horizontal flip are averaged."""
+    its horizontal flip are averaged; with `tta_shift` too, so are those of both shifted by
+    that many pixels (weighted as `cifar10_data.tta_views` says)."""
     from tqdm.auto import tqdm
 
-    from cifar10_data import decode_image
+    from cifar10_data import decode_image, tta_views
 
     labels, batches = [], []
     total = math.ceil(len(dataset) / batch_size)
@@ -38,10 +39,11 @@ def evaluate_model(model, processor, dataset, image_column: str, label_column: s
         for rows in tqdm(dataset.iter(batch_size=batch_size), total=total, desc="eval", disable=not progress):
             images = [decode_image(value) for value in rows[image_column]]
             pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(model.device)
-            probabilities = model(pixel_values=pixel_values).logits.float().softmax(dim=-1)
             if tta:
-                flipped = model(pixel_values=pixel_values.flip(-1)).logits.float().softmax(dim=-1)
-                probabilities = (probabilities + flipped) / 2
+                probabilities = sum(weight * model(pixel_values=view).logits.float().softmax(dim=-1)
+                                    for view, weight in tta_views(pixel_values, tta_shift))
+            else:
+                probabilities = model(pixel_values=pixel_values).logits.float().softmax(dim=-1)
             batches.append(probabilities.cpu())
             labels += rows[label_column]
     return torch.tensor(labels, dtype=torch.long), torch.cat(batches)
@@ -186,6 +188,12 @@ def plot_training_curves(run_dir):
     return fig
 
 
+def tta_description(args) -> str:
+    if not args.tta:
+        return ""
+    return f" (flip and {args.tta_shift}-pixel shift TTA)" if args.tta_shift else " (flip TTA)"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a saved model folder or a Hub id")
@@ -195,11 +203,17 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="outputs/eval")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--tta", action="store_true", help="average the softmax of each image and its horizontal flip")
+    parser.add_argument("--tta_shift", type=int, default=0,
+                        help="with --tta, also average both views shifted by this many pixels (1 or 2; 0 = off)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
         parser.error("--max_eval_samples must be at least 1")
+    if args.tta_shift < 0:
+        parser.error("--tta_shift must be at least 0")
+    if args.tta_shift and not args.tta:
+        parser.error("--tta_shift adds views to --tta's: pass --tta too")
     return args
 
 
@@ -218,12 +232,14 @@ def main(argv=None) -> int:
     if model_names != label_names:
         print(f"note: the model's labels {model_names} differ from the dataset's; using the dataset's", file=sys.stderr)
 
-    labels, probabilities = evaluate_model(model, processor, dataset, image_column, label_column, args.batch_size, args.tta)
+    labels, probabilities = evaluate_model(model, processor, dataset, image_column, label_column, args.batch_size, args.tta,
+                                          tta_shift=args.tta_shift)
     results = {
         "model": args.model,
         "dataset_name": args.dataset_name,
         "split": split,
         "tta": args.tta,
+        "tta_shift": args.tta_shift,
         **summarize(labels, probabilities, label_names),
     }
     out = Path(args.output_dir)
@@ -233,7 +249,7 @@ def main(argv=None) -> int:
     mistakes = [entry["index"] for entry in results["most_confident_mistakes"]]
     plot_mistakes(dataset, image_column, label_column, mistakes, probabilities, label_names).savefig(out / "mistakes.png", dpi=110)
 
-    print(f"{split}: accuracy {results['accuracy']:.4f} on {results['num_samples']} images" + (" (flip TTA)" if args.tta else ""))
+    print(f"{split}: accuracy {results['accuracy']:.4f} on {results['num_samples']} images" + tta_description(args))
     width = max(len(name) for name in label_names)
     for name, accuracy in results["per_class_accuracy"].items():
         print(f"  {name:<{width}}  {accuracy:.4f}")

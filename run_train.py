@@ -166,6 +166,7 @@ def validate(settings: dict):
     for key in ("mix_prob", "mix_switch_prob"):
         _check(0 <= data[key] <= 1, key, "in [0, 1]", data[key])
     _check(0 <= data["label_smoothing"] < 1, "label_smoothing", "in [0, 1)", data["label_smoothing"])
+    _check(isinstance(data["tta_shift"], int) and data["tta_shift"] >= 0, "tta_shift", "an integer >= 0", data["tta_shift"])
     _check(data["dataloader_num_workers"] >= 0, "dataloader_num_workers", ">= 0", data["dataloader_num_workers"])
 
     _check(isinstance(train["output_dir"], str) and train["output_dir"], "output_dir", "a folder", train["output_dir"])
@@ -323,11 +324,14 @@ def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=train_cfg["learning_rate"], betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]))
 
 
-def evaluate(model, dataloader, accelerator, flip_tta=False) -> dict:
+def evaluate(model, dataloader, accelerator, flip_tta=False, tta_shift=0) -> dict:
     """Validation loss and accuracy; gather_for_metrics drops the samples that
     distributed sampling duplicates, so each image counts exactly once. With `flip_tta`,
-    the logits of each image and its mirror image are averaged."""
+    the logits of each image and its mirror image are averaged; with `tta_shift` too,
+    those of both shifted by that many pixels (weights from `cifar10_data.tta_views`)."""
     import torch.nn.functional as F
+
+    from cifar10_data import tta_views
 
     model.eval()
     correct = total = 0
@@ -335,9 +339,11 @@ def evaluate(model, dataloader, accelerator, flip_tta=False) -> dict:
     # autocast for a model that prepare() did not wrap (the weight average) too
     with torch.no_grad(), accelerator.autocast():
         for batch in dataloader:
-            logits = model(pixel_values=batch["pixel_values"]).logits
             if flip_tta:
-                logits = (logits + model(pixel_values=batch["pixel_values"].flip(-1)).logits) / 2
+                logits = sum(weight * model(pixel_values=view).logits.float()
+                             for view, weight in tta_views(batch["pixel_values"], tta_shift))
+            else:
+                logits = model(pixel_values=batch["pixel_values"]).logits
             losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
             predictions, labels, losses = accelerator.gather_for_metrics(
                 (logits.argmax(-1), batch["labels"], losses)
@@ -379,6 +385,11 @@ def write_model_card(output_dir, settings, results, command, label_names):
     test_line = (
         f"| test accuracy | {results['test_accuracy']:.4f} |\n" if results.get("test_accuracy") is not None else ""
     )
+    shift_line = (
+        f"| validation accuracy with flip and {results['tta_shift']}-pixel shift test-time augmentation "
+        f"| {results['eval_accuracy_flip_shift_tta']:.4f} |\n"
+        if results.get("eval_accuracy_flip_shift_tta") is not None else ""
+    )
     body = f"""
 # {name}
 
@@ -389,7 +400,7 @@ A hybrid Vision Transformer (convolutional stem + transformer encoder) trained o
 | --- | --- |
 | validation accuracy (best epoch, {results['eval_samples']} held-out training images) | {results['eval_accuracy']:.4f} |
 | validation accuracy with flip test-time augmentation | {results['eval_accuracy_flip_tta']:.4f} |
-{test_line}| epochs | {results['epochs']:.2f} |
+{shift_line}{test_line}| epochs | {results['epochs']:.2f} |
 | optimisation steps | {results['steps']} |
 | training time | {results['train_seconds'] / 60:.1f} min |
 | training throughput | {results['train_samples_per_second']:.0f} images/s |
@@ -690,9 +701,13 @@ def train(settings: dict, command: str) -> dict:
         save_best_model(unwrapped, output_dir)
     best = evaluate(eval_model, eval_dataloaders["validation"], accelerator)
     best_tta = evaluate(eval_model, eval_dataloaders["validation"], accelerator, flip_tta=True)
+    shift = data["tta_shift"]
+    best_shift_tta = evaluate(eval_model, eval_dataloaders["validation"], accelerator, flip_tta=True, tta_shift=shift) if shift else None
     results = {
         "eval_accuracy": best["accuracy"],
         "eval_accuracy_flip_tta": best_tta["accuracy"],
+        "eval_accuracy_flip_shift_tta": best_shift_tta["accuracy"] if shift else None,
+        "tta_shift": shift,
         "eval_loss": best["loss"],
         "eval_samples": best["samples"],
         "test_accuracy": None,
@@ -716,7 +731,9 @@ def train(settings: dict, command: str) -> dict:
         (out / "training_log.json").write_text(json.dumps(history, indent=2))
         write_model_card(output_dir, settings, results, command, label_names)
         log(
-            f"validation accuracy {results['eval_accuracy']:.4f}"
+            f"validation accuracy {results['eval_accuracy']:.4f} ({results['eval_accuracy_flip_tta']:.4f} with flip TTA"
+            + (f", {results['eval_accuracy_flip_shift_tta']:.4f} with flip and shift" if shift else "")
+            + ")"
             + (f", test accuracy {results['test_accuracy']:.4f}" if results["test_accuracy"] is not None else "")
             + f"; {results['train_seconds'] / 60:.1f} min, {results['train_samples_per_second']:.0f} images/s; saved to {output_dir}"
         )

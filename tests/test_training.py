@@ -60,6 +60,7 @@ def test_a_short_run_writes_a_folder_a_fresh_process_loads(dataset_dir, tmp_path
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_samples"] == 6  # 20% of 30, stratified
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0.0 <= results["eval_accuracy_flip_tta"] <= 1.0
+    assert results["tta_shift"] == 2 and 0.0 <= results["eval_accuracy_flip_shift_tta"] <= 1.0
     assert results["test_samples"] == 9 and results["test_accuracy"] is not None
     assert results["steps"] == 2 * (24 // 4) and results["train_samples_per_second"] > 0
     config = json.loads((out / "config.json").read_text())
@@ -69,6 +70,7 @@ def test_a_short_run_writes_a_folder_a_fresh_process_loads(dataset_dir, tmp_path
     assert resolved["training"]["learning_rate"] == 3e-3 and resolved["model"]["hidden_size"] == 16
     card = (out / "README.md").read_text()
     assert "model-index" in card and "accuracy" in card and "Hardware" in card and "run_train.py" in card
+    assert f"2-pixel shift test-time augmentation | {results['eval_accuracy_flip_shift_tta']:.4f}" in card
     log = json.loads((out / "training_log.json").read_text())
     assert [entry["epoch"] for entry in log if "eval_accuracy" in entry] == [1.0, 2.0]
 
@@ -367,6 +369,43 @@ def test_flip_tta_averages_each_image_with_its_mirror():
     assert plain["accuracy"] == 1.0 and plain["samples"] == 2
     assert plain["loss"] == pytest.approx(torch.nn.functional.softplus(torch.tensor(-1.0)).item(), rel=1e-5)
     assert tta["loss"] == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-5)  # [0.5, 0.5]: a coin toss
+
+
+def test_tta_views_are_the_mirror_and_two_reflect_padded_shifts():
+    images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    plain = cifar10_data.tta_views(images)
+    assert [weight for _, weight in plain] == [0.5, 0.5]
+    assert torch.equal(plain[0][0], images) and torch.equal(plain[1][0], images.flip(-1))
+    views = cifar10_data.tta_views(images, shift=1)
+    assert sum(weight for _, weight in views) == pytest.approx(1.0) and len(views) == 6
+    assert [weight for _, weight in views[:2]] == [0.25, 0.25]  # the unshifted pair keeps half
+    down_right, up_left = views[2][0], views[4][0]
+    assert down_right.shape == up_left.shape == images.shape
+    assert torch.equal(down_right[..., 1:, 1:], images[..., :-1, :-1])  # content moved one pixel down-right
+    assert torch.equal(up_left[..., :-1, :-1], images[..., 1:, 1:])
+    assert torch.equal(down_right[..., 0, 1:], images[..., 1, :-1])  # the new row is a reflection, not zeros
+    assert torch.equal(views[3][0], down_right.flip(-1)) and torch.equal(views[5][0], up_left.flip(-1))
+    with pytest.raises(ValueError, match="shift"):
+        cifar10_data.tta_views(images, shift=-1)
+
+
+def test_shift_tta_averages_the_logits_of_the_weighted_views():
+    from types import SimpleNamespace
+
+    class ReadsTwoPixels(torch.nn.Module):  # class 0 reads pixel (1, 1), class 1 pixel (2, 2)
+        def forward(self, pixel_values):
+            image = pixel_values.mean(dim=1)
+            return SimpleNamespace(logits=torch.stack([image[:, 1, 1], image[:, 2, 2]], dim=-1))
+
+    images = torch.zeros(1, 3, 6, 6)
+    images[..., 1, 1] = 1.0
+    loader = [{"pixel_values": images, "labels": torch.tensor([0])}]
+    accelerator = SimpleNamespace(gather_for_metrics=lambda tensors: tensors, autocast=contextlib.nullcontext)
+    result = run_train.evaluate(ReadsTwoPixels(), loader, accelerator, flip_tta=True, tta_shift=1)
+    # the image votes [1, 0] with weight 1/4, its down-right shift [0, 1] with 1/8; the
+    # mirror images and the up-left shift put the pixel where neither class looks
+    expected = torch.nn.functional.cross_entropy(torch.tensor([[0.25, 0.125]]), torch.tensor([0]))
+    assert result["loss"] == pytest.approx(expected.item(), rel=1e-5) and result["accuracy"] == 1.0
 
 
 def test_push_to_hub_uploads_the_folder_with_its_card_and_without_checkpoints(tmp_path, monkeypatch):

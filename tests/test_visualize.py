@@ -273,7 +273,8 @@ def test_visualize_reports_a_missing_model_or_image_in_one_line(model_dir, tmp_p
 
 def test_run_eval_writes_results_and_figures(model_dir, data_dirs, tmp_path, env):
     # The default split is test when there is one, else the validation split training carved.
-    cases = [(data_dirs[0], [], "test", 9), (data_dirs[1], ["--tta"], "validation", 3)]
+    cases = [(data_dirs[0], [], "test", 9), (data_dirs[1], ["--tta"], "validation", 3),
+             (data_dirs[1], ["--tta", "--tta_shift", 2], "validation", 3)]
     outs = [tmp_path / f"eval_{i}" for i in range(len(cases))]
     results = run_scripts(
         [("run_eval.py", ["--model", model_dir, "--dataset_name", folder, "--output_dir", out, "--batch_size", 4, *extra])
@@ -284,11 +285,20 @@ def test_run_eval_writes_results_and_figures(model_dir, data_dirs, tmp_path, env
         assert result.returncode == 0, result.stderr[-3000:]
         saved = json.loads((out / "eval_results.json").read_text())
         assert saved["split"] == split and saved["num_samples"] == samples and saved["tta"] is bool(extra)
+        assert saved["tta_shift"] == (extra[-1] if "--tta_shift" in extra else 0)
         assert sum(map(sum, saved["confusion_matrix"])) == samples
         assert set(saved["per_class_accuracy"]) == {"class_0", "class_1", "class_2"}
         assert f"accuracy {saved['accuracy']:.4f}" in result.stdout
+        assert ("2-pixel shift TTA" in result.stdout) is ("--tta_shift" in extra)
         assert_png(out / "confusion_matrix.png")
         assert_png(out / "mistakes.png")
+
+
+def test_run_eval_refuses_a_shift_without_tta_before_loading_anything(tmp_path, capsys):
+    for argv, message in ((["--tta_shift", "1"], "pass --tta too"), (["--tta", "--tta_shift", "-1"], "at least 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_eval.parse_args(["--model", str(tmp_path / "absent"), *argv])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------- notebook
