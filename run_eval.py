@@ -221,6 +221,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         model, processor = load_model(args.model)
+        if args.tta_shift >= model.config.image_size:
+            raise InputError(f"--tta_shift must be below the model's image size ({model.config.image_size}), got {args.tta_shift}")
         dataset, image_column, label_column, split = load_split(args.model, args.dataset_name, args.split, args.max_eval_samples)
         label_names = dataset.features[label_column].names
         if len(label_names) != model.config.num_labels:

@@ -166,7 +166,8 @@ def validate(settings: dict):
     for key in ("mix_prob", "mix_switch_prob"):
         _check(0 <= data[key] <= 1, key, "in [0, 1]", data[key])
     _check(0 <= data["label_smoothing"] < 1, "label_smoothing", "in [0, 1)", data["label_smoothing"])
-    _check(isinstance(data["tta_shift"], int) and data["tta_shift"] >= 0, "tta_shift", "an integer >= 0", data["tta_shift"])
+    size = settings["model"]["image_size"]  # reflect padding needs a shift below the image size
+    _check(isinstance(data["tta_shift"], int) and 0 <= data["tta_shift"] < size, "tta_shift", f"an integer in [0, {size})", data["tta_shift"])
     _check(data["dataloader_num_workers"] >= 0, "dataloader_num_workers", ">= 0", data["dataloader_num_workers"])
 
     _check(isinstance(train["output_dir"], str) and train["output_dir"], "output_dir", "a folder", train["output_dir"])

@@ -310,6 +310,7 @@ def test_settings_override_and_layer(tmp_path):
         (["--learning_rate", "-1"], "--learning_rate must be > 0"),
         (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
         (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1) or null, got 1.5"),
+        (["--tta_shift", "16"], "--tta_shift must be an integer in [0, 16), got 16"),  # the tiny model's images are 16x16
         (["--optimizer", "lion"], "--optimizer must be adamw or sgd, got 'lion'"),
         (["--attn_implementation", "flash"], "--attn_implementation must be sdpa or eager, got 'flash'"),
         (["--backbone_whitening_size", "-2"], "`backbone_whitening_size` must be 0 (off) or a positive kernel size"),

@@ -301,6 +301,15 @@ def test_run_eval_refuses_a_shift_without_tta_before_loading_anything(tmp_path, 
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_run_eval_refuses_a_shift_as_large_as_the_image_and_writes_nothing(model_dir, data_dirs, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = run_eval.main(["--model", str(model_dir), "--dataset_name", str(data_dirs[0]), "--output_dir", str(out),
+                          "--tta", "--tta_shift", "16"])  # the tiny test model's images are 16x16
+    assert code == 2 and not out.exists()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "error: --tta_shift must be below the model's image size (16), got 16"
+
+
 # --------------------------------------------------------------------------------- notebook
 
 
