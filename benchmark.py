@@ -191,7 +191,7 @@ def pipeline_batches(settings, batch_size, dataset_name, max_samples, device, nu
         {"train": splits["train"]}, image_column, label_column,
         image_size=settings["model"]["image_size"], seed=0, decode_once=data["decode_once"], device=device,
         auto_augment=data["auto_augment"], random_crop_padding=data["random_crop_padding"],
-        horizontal_flip=data["horizontal_flip"],
+        horizontal_flip=data["horizontal_flip"], cutout_size=data["cutout_size"],
     )
     collator = cifar10_data.MixCollator(
         num_labels, data["mixup_alpha"], data["cutmix_alpha"], data["mix_prob"], data["mix_switch_prob"], seed=0
@@ -288,6 +288,7 @@ def main(argv=None):
     from run_train import make_optimizer
 
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as run_train.py does
     autocast_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)

@@ -103,8 +103,11 @@ def train_transform(
     auto_augment: str = "autoaugment",
     random_crop_padding: int = 4,
     horizontal_flip: bool = True,
+    cutout_size: int = 0,
 ) -> v2.Compose:
-    """Per-image training augmentation: crop, flip, an automatic policy, then normalise."""
+    """Per-image training augmentation: crop, flip, an automatic policy, normalise, then
+    Cutout (a `cutout_size` square set to zero, i.e. to the mean colour, lying wholly
+    inside the image: RandomErasing with its area and aspect ratio fixed)."""
     steps = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
     if random_crop_padding:
         steps.append(v2.RandomCrop(image_size, padding=random_crop_padding, padding_mode="reflect"))
@@ -114,6 +117,9 @@ def train_transform(
     if policy is not None:
         steps.append(policy)
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    if cutout_size:
+        area = (cutout_size / image_size) ** 2
+        steps.append(v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0))
     return v2.Compose(steps)
 
 
@@ -282,6 +288,20 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: 
     return images
 
 
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Cutout (DeVries and Taylor, 2017) for a whole batch (B, C, H, W): in each image a
+    `size` x `size` square at a random place wholly inside it is set to zero, which for
+    normalised images is the mean colour. The batched twin of train_transform's."""
+    B, C, H, W = images.shape
+    device = images.device
+    top = torch.randint(0, H - size + 1, (B, 1, 1), generator=generator, device=device)
+    left = torch.randint(0, W - size + 1, (B, 1, 1), generator=generator, device=device)
+    rows = torch.arange(H, device=device).view(1, H, 1)
+    cols = torch.arange(W, device=device).view(1, 1, W)
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)  # (B, H, W)
+    return images.masked_fill(inside[:, None], 0.0)
+
+
 def tta_views(pixel_values: torch.Tensor, shift: int = 0) -> list[tuple[torch.Tensor, float]]:
     """The views of a batch (B, C, H, W) that test-time augmentation averages over, each
     with its weight (the weights sum to 1): the batch and its mirror image, and with
@@ -305,11 +325,14 @@ class DecodedImages(torch.utils.data.Dataset):
     batches without per-image Python work. With the tensors on a GPU, augmentation runs
     there too. AutoAugment-style policies stay available but run image by image."""
 
-    def __init__(self, images, labels, train=False, random_crop_padding=4, horizontal_flip=True, auto_augment="none", seed=0):
+    def __init__(
+        self, images, labels, train=False, random_crop_padding=4, horizontal_flip=True, auto_augment="none", seed=0, cutout_size=0
+    ):
         self.images, self.labels = images, labels
         self.train = train
         self.padding = random_crop_padding
         self.flip = horizontal_flip
+        self.cutout_size = cutout_size
         self.policy = augmentation_policy(auto_augment) if train else None
         self.seed = seed
         self.epoch = 0
@@ -331,6 +354,8 @@ class DecodedImages(torch.utils.data.Dataset):
                     images = torch.stack([self.policy(image) for image in images])
             images = random_crop_flip(images.float(), self.padding, self.flip, generator)
         pixel_values = (images.float() - self.mean) / self.std
+        if self.train and self.cutout_size:
+            pixel_values = cutout(pixel_values, self.cutout_size, generator)
         return {
             "pixel_values": pixel_values,
             "labels": self.labels[index],
@@ -362,6 +387,7 @@ def build_datasets(
     random_crop_padding=4,
     horizontal_flip=True,
     skip_bad_images=False,
+    cutout_size=0,
 ):
     """Training and evaluation datasets that yield `pixel_values` and `labels`.
 
@@ -378,11 +404,11 @@ def build_datasets(
             skipped += bad if name == "train" else 0
             datasets[name] = DecodedImages(
                 images, labels, train=name == "train", random_crop_padding=random_crop_padding,
-                horizontal_flip=horizontal_flip, auto_augment=auto_augment, seed=seed,
+                horizontal_flip=horizontal_flip, auto_augment=auto_augment, seed=seed, cutout_size=cutout_size,
             )
         return datasets, datasets["train"], skipped
     train = ImageTransform(
-        train_transform(image_size, auto_augment, random_crop_padding, horizontal_flip),
+        train_transform(image_size, auto_augment, random_crop_padding, horizontal_flip, cutout_size),
         image_column, label_column, skip_bad_images, seed=seed,
     )
     evaluation = ImageTransform(eval_transform(image_size), image_column, label_column, skip_bad_images)

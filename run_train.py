@@ -161,12 +161,14 @@ def validate(settings: dict):
     positive_int_or_none("max_eval_samples", data)
     _check(data["auto_augment"] in AUTO_AUGMENT_CHOICES, "auto_augment", f"one of {AUTO_AUGMENT_CHOICES}", data["auto_augment"])
     _check(data["random_crop_padding"] >= 0, "random_crop_padding", ">= 0", data["random_crop_padding"])
+    size = settings["model"]["image_size"]
+    _check(isinstance(data["cutout_size"], int) and 0 <= data["cutout_size"] <= size, "cutout_size", f"an integer in [0, {size}]", data["cutout_size"])
     for key in ("mixup_alpha", "cutmix_alpha"):
         _check(data[key] >= 0, key, ">= 0", data[key])
     for key in ("mix_prob", "mix_switch_prob"):
         _check(0 <= data[key] <= 1, key, "in [0, 1]", data[key])
     _check(0 <= data["label_smoothing"] < 1, "label_smoothing", "in [0, 1)", data["label_smoothing"])
-    size = settings["model"]["image_size"]  # reflect padding needs a shift below the image size
+    # reflect padding needs a shift below the image size
     _check(isinstance(data["tta_shift"], int) and 0 <= data["tta_shift"] < size, "tta_shift", f"an integer in [0, {size})", data["tta_shift"])
     _check(data["dataloader_num_workers"] >= 0, "dataloader_num_workers", ">= 0", data["dataloader_num_workers"])
 
@@ -463,6 +465,11 @@ def train(settings: dict, command: str) -> dict:
     except ValueError as error:
         raise SettingsError(f"--mixed_precision {train_cfg['mixed_precision']}: {error}") from None
 
+    if accelerator.device.type == "cuda":
+        # Fixed shapes (drop_last): let cuDNN time its convolution algorithms once and keep
+        # the fastest. Exact resume is promised on the CPU only (see the README).
+        torch.backends.cudnn.benchmark = True
+
     def log(message):
         if accelerator.is_main_process:
             tqdm.write(message, file=sys.stderr)
@@ -510,6 +517,7 @@ def train(settings: dict, command: str) -> dict:
         random_crop_padding=data["random_crop_padding"],
         horizontal_flip=data["horizontal_flip"],
         skip_bad_images=data["skip_bad_images"],
+        cutout_size=data["cutout_size"],
     )
     train_collator = cifar10_data.MixCollator(
         len(label_names), data["mixup_alpha"], data["cutmix_alpha"], data["mix_prob"], data["mix_switch_prob"], seed=seed

@@ -5,16 +5,24 @@
 #   here:   bash scripts/device_run.sh prepare      # wheels + the CIFAR-10 parquet into .device/
 #   there:  bash scripts/device_run.sh run          # (device tool: carry [".device"])
 #
-# `run` installs the carried wheels, trains configs/gpu_fast.yaml, then default.yaml for
-# what is left of BUDGET_SECONDS, samples GPU utilisation, and leaves in $OUT (at most 8
-# files come back): one log per run, each trained folder as a .tar.gz (checkpoints left
-# out), and nvidia-smi's utilisation samples.
+# `run` installs the carried wheels, measures both configs' training speed with
+# benchmark.py (which fits each schedule's epochs to its time), trains configs/gpu_fast.yaml
+# for FAST_SECONDS, then default.yaml for what is left of BUDGET_SECONDS, samples GPU
+# utilisation, and leaves in $OUT (at most 8 files come back): summary.log, benchmark.json,
+# one log per run, each trained folder as a .tar.gz (checkpoints left out), and
+# nvidia-smi's utilisation samples.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEVICE_DIR=${DEVICE_DIR:-.device}
 OUT=${OUT:-outputs/device}
-BUDGET_SECONDS=${BUDGET_SECONDS:-480}       # training time for both runs together
+PY=${PYTHON:-python3}                       # the device image has python3, not always python
+BUDGET_SECONDS=${BUDGET_SECONDS:-480}       # wall-clock for the whole run, set-up and both runs included
+FAST_SECONDS=${FAST_SECONDS:-60}            # gpu_fast.yaml's training-time limit
+RESERVE_SECONDS=${RESERVE_SECONDS:-75}      # default.yaml's start-up, evaluations and saving
+TRAIN_IMAGES=${TRAIN_IMAGES:-45000}         # images per epoch (CIFAR-10 train less the validation split)
+SPEED_MARGIN=${SPEED_MARGIN:-0.7}           # the loop (a host sync a step) runs at about this fraction of benchmark.py's speed
+BENCH_ARGS=${BENCH_ARGS:---batch_size 1024 --inference_batch_size 256 --warmup 5 --repeats 20 --max_samples 8192 --matmul_size 8192}
 DATASET=${DATASET:-$DEVICE_DIR/data}
 EXTRA_ARGS=${EXTRA_ARGS:-}                  # appended to both runs, e.g. for a tiny CPU rehearsal
 
@@ -28,14 +36,30 @@ prepare() {
     du -sh "$DEVICE_DIR"
 }
 
+epochs_for() {  # config seconds: the epochs benchmark.py's measured speed fits into `seconds`
+    "$PY" - "$OUT/benchmark.json" "$1" "$2" "$TRAIN_IMAGES" "$SPEED_MARGIN" <<'PYTHON' || true
+import json, sys
+path, config, seconds, images, margin = sys.argv[1:]
+try:
+    rows = json.load(open(path))["results"]
+except (OSError, ValueError, KeyError):
+    sys.exit()  # no measurement: the config's own num_train_epochs stands
+speed = [r["train_images_per_second_with_data"] for r in rows if r["config"] == config and r["model"] == "hybrid-vit"]
+if speed:
+    print(max(1, int(float(seconds) * speed[0] * float(margin) / int(images))))
+PYTHON
+}
+
 train() {  # name config seconds
     local name=$1 config=$2 seconds=$3
-    local minutes
-    minutes=$(python -c "print(max($seconds, 1) / 60)")
-    echo "== $name: $config for at most $minutes min" | tee -a "$OUT/summary.log"
+    local minutes epochs
+    minutes=$("$PY" -c "print(max($seconds, 1) / 60)")
+    epochs=$(epochs_for "$config" "$seconds")
+    echo "== $name: $config for at most $minutes min${epochs:+, $epochs epochs (fitted to the measured speed)}" | tee -a "$OUT/summary.log"
     # shellcheck disable=SC2086
-    python run_train.py --config "$config" --dataset_name "$DATASET" --output_dir "$WORK/$name" \
-        --max_train_minutes "$minutes" --report_to none $EXTRA_ARGS 2>&1 | tr '\r' '\n' | grep -v '^train: ' > "$OUT/$name.log" || true
+    "$PY" run_train.py --config "$config" --dataset_name "$DATASET" --output_dir "$WORK/$name" \
+        --max_train_minutes "$minutes" --report_to none ${epochs:+--num_train_epochs $epochs} $EXTRA_ARGS 2>&1 \
+        | tr '\r' '\n' | grep -v '^train: ' > "$OUT/$name.log" || true
     if [ -f "$WORK/$name/all_results.json" ]; then
         cat "$WORK/$name/all_results.json" >> "$OUT/summary.log"
         tar czf "$OUT/$name.tar.gz" -C "$WORK" --exclude "$name/checkpoints" --exclude "$name/tensorboard" "$name"
@@ -45,23 +69,38 @@ train() {  # name config seconds
 }
 
 run() {
+    local start
+    start=$(date +%s)
     mkdir -p "$OUT"
     WORK=$(mktemp -d)
     if compgen -G "$DEVICE_DIR/wheels/*.whl" > /dev/null; then
-        python -m pip install --no-index --no-deps -q "$DEVICE_DIR"/wheels/*.whl
+        # Into a folder of its own, not the image's environment, as the device README advises.
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$DEVICE_DIR"/wheels/*.whl
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+    "$PY" -c "import sys, torch, torchvision, transformers, accelerate, datasets, pyarrow
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| torchvision', torchvision.__version__,
+      '| transformers', transformers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__,
+      '| pyarrow', pyarrow.__version__, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" \
+        2>&1 | tee -a "$OUT/summary.log"
     if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv >> "$OUT/summary.log" || true
         nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 1 > "$OUT/gpu_utilisation.csv" &
         SMI=$!
         trap 'kill $SMI 2>/dev/null || true' EXIT
     fi
-    local start elapsed
-    start=$(date +%s)
-    train gpu_fast configs/gpu_fast.yaml 60
-    elapsed=$(( $(date +%s) - start ))
+    # The speed of each config's full training step, input pipeline included: it sizes
+    # both schedules to their time, so that each ends its cosine decay instead of being cut.
+    # shellcheck disable=SC2086
+    "$PY" benchmark.py --configs configs/gpu_fast.yaml default.yaml --models hybrid-vit --mixed_precision bf16 \
+        --channels_last --dataset_name "$DATASET" $BENCH_ARGS --output_json "$OUT/benchmark.json" \
+        --output_md "$WORK/benchmark.md" > "$WORK/benchmark.log" 2>&1 || tail -n 20 "$WORK/benchmark.log" >> "$OUT/summary.log"
+    cat "$WORK/benchmark.md" >> "$OUT/summary.log" 2>/dev/null || true
+    echo "== set-up and benchmark took $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.log"
+    train gpu_fast configs/gpu_fast.yaml "$FAST_SECONDS"
     # What is left, less a margin for start-up, evaluation and saving.
-    train default default.yaml $(( BUDGET_SECONDS - elapsed - 60 ))
+    train default default.yaml $(( BUDGET_SECONDS - ($(date +%s) - start) - RESERVE_SECONDS ))
     echo "== done in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.log"
 }
 

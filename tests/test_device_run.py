@@ -1,12 +1,14 @@
 """scripts/device_run.sh, rehearsed on the CPU with a tiny model and budget: it trains the
 fast GPU config, then default.yaml, and leaves logs and trained folders in $OUT."""
 
+import json
 import subprocess
+import sys
 import tarfile
 
 from tests.conftest import PROJECT_ROOT
 
-TINY = ("--image_size 16 --backbone_hidden_sizes 8,16 --backbone_layers_per_stage 1 --hidden_size 16 "
+TINY = ("--image_size 16 --backbone_hidden_sizes 8,16 --patch_size 4 --backbone_layers_per_stage 1 --hidden_size 16 "
         "--num_attention_heads 2 --num_hidden_layers 1 --intermediate_size 16 --per_device_train_batch_size 4 "
         "--per_device_eval_batch_size 8 --num_train_epochs 2 --torch_compile false --mixed_precision no "
         "--train_val_split 0.2")
@@ -17,13 +19,15 @@ def test_device_run_trains_both_configs_into_out(dataset_dir, tmp_path, env):
     result = subprocess.run(
         ["bash", "scripts/device_run.sh", "run"],
         cwd=PROJECT_ROOT,
-        env={**env, "OUT": str(out), "DATASET": str(dataset_dir), "BUDGET_SECONDS": "90",
-             "DEVICE_DIR": str(tmp_path / "no_wheels"), "EXTRA_ARGS": TINY},
+        env={**env, "OUT": str(out), "DATASET": str(dataset_dir), "BUDGET_SECONDS": "90", "PYTHON": sys.executable,
+             "DEVICE_DIR": str(tmp_path / "no_wheels"), "EXTRA_ARGS": TINY,
+             # the full-size models, measured for a step or two on the CPU
+             "BENCH_ARGS": "--batch_size 4 --inference_batch_size 4 --warmup 1 --repeats 1 --max_samples 16 --matmul_size 64"},
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
-    assert {"gpu_fast.log", "gpu_fast.tar.gz", "default.log", "default.tar.gz", "summary.log"} <= names
+    assert {"gpu_fast.log", "gpu_fast.tar.gz", "default.log", "default.tar.gz", "summary.log", "benchmark.json"} <= names
     assert len(names) <= 8  # the device tool brings back at most 8 files
     for run in ("gpu_fast", "default"):
         with tarfile.open(out / f"{run}.tar.gz") as archive:
@@ -32,6 +36,10 @@ def test_device_run_trains_both_configs_into_out(dataset_dir, tmp_path, env):
         assert not any("/checkpoints/" in name for name in members)
     summary = (out / "summary.log").read_text()
     assert summary.count('"eval_accuracy"') == 2 and "== done" in summary
+    # benchmark.py measured both configs, and each schedule was sized from that speed
+    measured = {row["config"] for row in json.loads((out / "benchmark.json").read_text())["results"]}
+    assert measured == {"configs/gpu_fast.yaml", "default.yaml"}
+    assert summary.count("epochs (fitted to the measured speed)") == 2, summary
 
 
 def test_device_run_rejects_unknown_commands():

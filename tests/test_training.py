@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import cifar10_data
@@ -25,6 +26,14 @@ FAST_ARGS = [
     "--report_to=none",
     "--logging_steps=1",
     "--learning_rate=3e-3",
+]
+# The tests below exercise the lazy per-image pipeline with AutoAugment, MixUp and CutMix,
+# AdamW with clipping, and the plain backbone: pinned here, since default.yaml's GPU recipe
+# (decode-once batches, Cutout, SGD, whitening) sets none of them.
+FAST_ARGS += [
+    "--decode_once=false", "--auto_augment=autoaugment", "--mixup_alpha=0.8", "--cutmix_alpha=1.0", "--cutout_size=0",
+    "--label_smoothing=0.1", "--optimizer=adamw", "--weight_decay=0.05", "--max_grad_norm=1.0",
+    "--backbone_layers_per_stage=1", "--backbone_pool_first=false", "--backbone_whitening_size=0",
 ]
 
 
@@ -312,6 +321,7 @@ def test_settings_override_and_layer(tmp_path):
         (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1) or null, got 1.5"),
         (["--tta_shift", "16"], "--tta_shift must be an integer in [0, 16), got 16"),  # the tiny model's images are 16x16
         (["--optimizer", "lion"], "--optimizer must be adamw or sgd, got 'lion'"),
+        (["--cutout_size", "17"], "--cutout_size must be an integer in [0, 16], got 17"),
         (["--attn_implementation", "flash"], "--attn_implementation must be sdpa or eager, got 'flash'"),
         (["--backbone_whitening_size", "-2"], "`backbone_whitening_size` must be 0 (off) or a positive kernel size"),
         (["--hidden_size", "30", "--num_attention_heads", "4"], "`hidden_size` (30) must be divisible"),
@@ -443,6 +453,54 @@ def test_decoded_batches_are_normalised_and_augmented_per_image():
     torch.testing.assert_close(augmented.__getitems__([0, 1, 2, 3, 4, 5])["pixel_values"], first)  # seeded
     augmented.epoch = 1
     assert not torch.equal(augmented.__getitems__([0, 1, 2, 3, 4, 5])["pixel_values"], first)  # a new epoch, new draws
+
+
+def test_cutout_sets_one_square_per_image_to_the_mean_colour_inside_the_image():
+    """The batched Cutout (decode-once path) and the per-image one (RandomErasing with a
+    fixed area and aspect ratio, lazy path) both zero exactly one size x size square of
+    every channel, wholly inside the image, at a place drawn for each image."""
+    images = torch.full((64, 3, 16, 16), 0.5)
+    out = cifar10_data.cutout(images, 6, torch.Generator().manual_seed(0))
+    holes = out == 0
+    assert torch.equal(holes[:, 0], holes[:, 1]) and torch.equal(holes[:, 0], holes[:, 2])
+    corners = set()
+    for hole in holes[:, 0]:
+        rows, cols = hole.nonzero(as_tuple=True)
+        assert len(rows) == 36 and rows.max() - rows.min() == 5 and cols.max() - cols.min() == 5
+        corners.add((rows.min().item(), cols.min().item()))
+    assert len(corners) > 20  # drawn per image, not once per batch
+    assert torch.equal(out, cifar10_data.cutout(images, 6, torch.Generator().manual_seed(0)))  # seeded
+    assert torch.equal(images, torch.full((64, 3, 16, 16), 0.5))  # the input is left alone
+
+    from PIL import Image
+
+    transform = cifar10_data.train_transform(16, "none", 0, False, cutout_size=6)
+    for _ in range(5):
+        hole = transform(Image.new("RGB", (16, 16), (10, 200, 40)))[0] == 0
+        rows, cols = hole.nonzero(as_tuple=True)
+        assert len(rows) == 36 and rows.max() - rows.min() == 5 and cols.max() - cols.min() == 5
+
+    decoded = cifar10_data.DecodedImages(torch.full((8, 3, 16, 16), 10, dtype=torch.uint8), torch.arange(8), train=True,
+                                         random_crop_padding=0, horizontal_flip=False, cutout_size=6)
+    assert ((decoded.__getitems__(list(range(8)))["pixel_values"][:, 0] == 0).sum(dim=(1, 2)) == 36).all()
+    plain = cifar10_data.DecodedImages(decoded.images, decoded.labels, train=False, cutout_size=6)
+    assert not (plain.__getitems__(list(range(8)))["pixel_values"] == 0).any()  # never at evaluation
+
+
+def test_the_default_gpu_recipe_runs_as_configured(dataset_dir, tmp_path, env):
+    """default.yaml as it stands (decode-once batches with Cutout, whitening, Nesterov SGD),
+    shrunk only in size: it trains, and the folder records those settings."""
+    out = tmp_path / "default"
+    args = ["--dataset_name", str(dataset_dir), "--output_dir", str(out), "--train_val_split=0.2", *TINY_ARGS,
+            "--per_device_train_batch_size=4", "--per_device_eval_batch_size=8", "--mixed_precision=no",
+            "--report_to=none", "--num_train_epochs=1", "--cutout_size=6"]
+    result = train(args, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "whitening layer fitted" in result.stderr
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["data"]["decode_once"] and saved["data"]["cutout_size"] == 6
+    assert saved["training"]["optimizer"] == "sgd"
+    assert json.loads((out / "all_results.json").read_text())["steps"] == 24 // 4
 
 
 def test_loader_workers_and_gradient_accumulation(dataset_dir, tmp_path, env):
