@@ -160,7 +160,7 @@ def test_invalid_config_raises_naming_the_field(overrides, field):
 
 
 def test_backbone_layers_per_stage_deepens_the_stem():
-    one = HybridViTModel(HybridViTConfig(**TINY_MODEL))
+    one = HybridViTModel(HybridViTConfig(**TINY_MODEL, backbone_layers_per_stage=1))
     two = HybridViTModel(HybridViTConfig(**TINY_MODEL, backbone_layers_per_stage=2))
     convs = lambda m: sum(isinstance(x, torch.nn.Conv2d) for x in m.embeddings.backbone)  # noqa: E731
     assert (convs(one), convs(two)) == (2, 4)
@@ -217,7 +217,7 @@ def test_whitening_layer_whitens_training_patches_stays_frozen_and_is_saved(tmp_
     assert torch.equal(raw[:, 0], images[:, 0, :-1, :-1]) and torch.equal(raw[:, 12], -images[:, 0, :-1, :-1])
 
     with pytest.raises(ValueError, match="no whitening layer"):
-        HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL)).fit_whitening(images)
+        HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, backbone_whitening_size=0)).fit_whitening(images)
 
 
 def test_drop_path_rises_linearly_and_is_off_in_eval(tiny_config):

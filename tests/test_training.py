@@ -300,12 +300,12 @@ def test_validation_split_is_stratified_and_seeded(dataset_dir):
 
 def test_settings_override_and_layer(tmp_path):
     overlay = tmp_path / "over.yaml"
-    overlay.write_text("training:\n  learning_rate: 0.01\n  num_train_epochs: 3\nmodel:\n  backbone_hidden_sizes: [32, 64]\n")
+    overlay.write_text("training:\n  learning_rate: 0.01\n  num_train_epochs: 3\nmodel:\n  backbone_hidden_sizes: [32, 64, 128]\n")
     settings = run_train.load_settings(["--config", str(overlay), "--learning_rate", "1e-3", "--max_train_samples", "200",
                                         "--horizontal_flip", "false", "--checkpointing_steps", "50"])
     assert settings["training"]["learning_rate"] == 1e-3  # the command line wins over the file
     assert settings["training"]["num_train_epochs"] == 3
-    assert settings["model"]["backbone_hidden_sizes"] == [32, 64]
+    assert settings["model"]["backbone_hidden_sizes"] == [32, 64, 128]
     assert settings["data"]["max_train_samples"] == 200 and settings["data"]["horizontal_flip"] is False
     assert settings["training"]["checkpointing_steps"] == 50
 
