@@ -19,7 +19,7 @@ def test_device_run_trains_both_configs_into_out(dataset_dir, tmp_path, env):
     result = subprocess.run(
         ["bash", "scripts/device_run.sh", "run"],
         cwd=PROJECT_ROOT,
-        env={**env, "OUT": str(out), "DATASET": str(dataset_dir), "BUDGET_SECONDS": "90", "PYTHON": sys.executable,
+        env={**env, "OUT": str(out), "DATASET": str(dataset_dir), "BUDGET_SECONDS": "90", "PYTHON": sys.executable, "LOOP_SPEED": "",
              "DEVICE_DIR": str(tmp_path / "no_wheels"), "EXTRA_ARGS": TINY,
              # the full-size models, measured for a step or two on the CPU
              "BENCH_ARGS": "--batch_size 4 --inference_batch_size 4 --warmup 1 --repeats 1 --max_samples 16 --matmul_size 64"},
