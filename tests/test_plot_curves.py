@@ -48,3 +48,19 @@ def test_a_folder_without_a_log_or_a_wrong_label_count_is_one_clear_error(tmp_pa
     assert plot_curves.main([str(a), "--labels", "x", "y", "--output", str(output)]) == 2
     assert "2 labels for 1 runs" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_seconds_axis_and_time_to_target_are_reported_per_run(tmp_path, capsys):
+    fast = fake_run(tmp_path / "fast", [0.5, 0.93, 0.945, 0.95], seconds_per_epoch=12.5)
+    slow = fake_run(tmp_path / "slow", [0.4, 0.8, 0.9], seconds_per_epoch=12.5)
+    figure = plot_curves.plot_curves([fast, slow], seconds=True, target=0.94)
+    accuracy_axis = figure.axes[0]
+    assert list(accuracy_axis.get_lines()[0].get_xdata()) == [12.5, 25.0, 37.5, 50.0]
+    assert accuracy_axis.get_xlabel() == "training seconds"
+    assert any(list(line.get_ydata()) == [94.0, 94.0] for line in accuracy_axis.get_lines())  # the target line
+
+    output = tmp_path / "curve.png"
+    assert plot_curves.main([str(fast), str(slow), "--seconds", "--target", "0.94", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "fast: 94.50% at 37.5 s (epoch 3)" in printed
+    assert "slow: never reached 94%: best 90.00%, last evaluation at 37.5 s" in printed
