@@ -43,7 +43,7 @@ prepare() {
     du -sh "$DEVICE_DIR"
 }
 
-epochs_for() {  # config seconds: the epochs benchmark.py's measured speed fits into `seconds`
+epochs_for() {  # config seconds: the epochs that fit into `seconds` at LOOP_SPEED (or, if empty, benchmark.py's speed)
     "$PY" - "$OUT/benchmark.json" "$1" "$2" "$TRAIN_IMAGES" "$SPEED_MARGIN" "$LOOP_SPEED" <<'PYTHON' || true
 import json, sys
 path, config, seconds, images, margin, loop_speed = sys.argv[1:]
@@ -100,8 +100,8 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| torchvi
         SMI=$!
         trap 'kill $SMI 2>/dev/null || true' EXIT
     fi
-    # The speed of each config's full training step, input pipeline included: it sizes
-    # both schedules to their time, so that each ends its cosine decay instead of being cut.
+    # Each config's full training step, input pipeline included, for the record (and, with
+    # LOOP_SPEED empty, to size the schedules so that each ends its cosine decay in time).
     # shellcheck disable=SC2086
     [ "$BENCHMARK" = 0 ] || "$PY" benchmark.py --configs configs/gpu_fast.yaml default.yaml --models hybrid-vit --mixed_precision bf16 \
         --channels_last --dataset_name "$DATASET" $BENCH_ARGS --output_json "$OUT/benchmark.json" \
