@@ -45,3 +45,21 @@ def test_device_run_trains_both_configs_into_out(dataset_dir, tmp_path, env):
 def test_device_run_rejects_unknown_commands():
     result = subprocess.run(["bash", "scripts/device_run.sh", "fly"], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_device_run_sizes_schedules_from_the_loop_speed_without_benchmarking(dataset_dir, tmp_path, env):
+    """BENCHMARK=0 skips benchmark.py; LOOP_SPEED (images/s) then sizes each schedule:
+    60 s x 9,000 images/s x 0.92 / 45,000 images an epoch = 11 epochs for gpu_fast.yaml."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        ["bash", "scripts/device_run.sh", "run"],
+        cwd=PROJECT_ROOT,
+        env={**env, "OUT": str(out), "DATASET": str(dataset_dir), "BUDGET_SECONDS": "90", "PYTHON": sys.executable,
+             "DEVICE_DIR": str(tmp_path / "no_wheels"), "EXTRA_ARGS": TINY, "BENCHMARK": "0", "LOOP_SPEED": "9000"},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "benchmark.json").exists()
+    summary = (out / "summary.log").read_text()
+    assert "== gpu_fast: configs/gpu_fast.yaml for at most 1.0 min, 11 epochs (fitted to the measured speed)" in summary
+    assert summary.count('"eval_accuracy"') == 2
