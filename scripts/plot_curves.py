@@ -51,14 +51,14 @@ def plot_curves(run_dirs, labels=None, seconds=False, target=None, title=None):
     figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     for run_dir, label in zip(run_dirs, labels):
         evaluations, losses = read_log(run_dir)
-        minutes = [r["train_seconds"] / (1 if seconds else 60) for r in evaluations]
+        times = [r["train_seconds"] / (1 if seconds else 60) for r in evaluations]  # in `unit`
         accuracy = [100 * r["eval_accuracy"] for r in evaluations]
-        (line,) = accuracy_axis.plot(minutes, accuracy, marker="o", markersize=3, label=f"{label}: {max(accuracy):.2f}%")
+        (line,) = accuracy_axis.plot(times, accuracy, marker="o", markersize=3, label=f"{label}: {max(accuracy):.2f}%")
         # Training-loss records carry steps, not seconds: place them by the epoch clock.
         epochs = [r["epoch"] for r in evaluations]
         if losses:
-            loss_minutes = np.interp([r["epoch"] for r in losses], [0.0, *epochs], [0.0, *minutes])
-            loss_axis.plot(loss_minutes, [r["train_loss"] for r in losses], color=line.get_color(), linewidth=1, label=label)
+            loss_times = np.interp([r["epoch"] for r in losses], [0.0, *epochs], [0.0, *times])
+            loss_axis.plot(loss_times, [r["train_loss"] for r in losses], color=line.get_color(), linewidth=1, label=label)
     if target is not None:
         accuracy_axis.axhline(100 * target, color="grey", linestyle="--", linewidth=1)
     accuracy_axis.set(xlabel=f"training {unit}", ylabel="validation accuracy (%)", title="Validation accuracy after each epoch")
