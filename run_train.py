@@ -184,6 +184,8 @@ def validate(settings: dict):
     for key in ("adam_beta1", "adam_beta2", "sgd_momentum", "warmup_ratio"):
         _check(0 <= train[key] < 1, key, "in [0, 1)", train[key])
     _check(train["max_grad_norm"] >= 0, "max_grad_norm", ">= 0", train["max_grad_norm"])
+    init = train["model_name_or_path"]
+    _check(init is None or (isinstance(init, str) and init), "model_name_or_path", "a saved model folder, a Hub id or null", init)
     ema = train["ema_decay"]
     _check(ema is None or (isinstance(ema, (int, float)) and 0 < ema < 1), "ema_decay", "in (0, 1) or null", ema)
     schedulers = [s.value for s in SchedulerType]
@@ -375,8 +377,11 @@ def write_model_card(output_dir, settings, results, command, label_names):
         for split, key in (("validation", "eval_accuracy"), ("test", "test_accuracy"))
         if results.get(key) is not None
     ]
+    base = train["model_name_or_path"]
+    start = f", starting from the weights of `{base}`" if base else ""
     card_data = ModelCardData(
         model_name=name,
+        base_model=base if base and not Path(base).exists() else None,  # metadata names Hub models only
         library_name="transformers",
         pipeline_tag="image-classification",
         license="apache-2.0",
@@ -397,7 +402,7 @@ def write_model_card(output_dir, settings, results, command, label_names):
 # {name}
 
 A hybrid Vision Transformer (convolutional stem + transformer encoder) trained on
-`{data['dataset_name']}` with the hybrid-vit-cifar10 project's `run_train.py`.
+`{data['dataset_name']}` with the hybrid-vit-cifar10 project's `run_train.py`{start}.
 
 | metric | value |
 | --- | --- |
@@ -434,6 +439,60 @@ classify("image.png")
 """
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
     card.save(Path(output_dir) / "README.md")
+
+
+# Settings of the model section that change how a model trains or runs, not its weights:
+# they still apply when the weights (and the architecture) come from --model_name_or_path.
+RUNTIME_MODEL_SETTINGS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
+
+
+def load_initial_model(name_or_path, settings, label_names, log):
+    """The model to fine-tune: weights and architecture from a saved folder or a Hub id.
+
+    As in transformers' examples, a dataset with other classes gets a new classification
+    head (``ignore_mismatched_sizes``). The whitening layer keeps its fitted weights.
+    """
+    from configuration_hybrid_vit import HybridViTConfig
+    from modeling_hybrid_vit import HybridViTForImageClassification
+
+    if not Path(name_or_path).is_dir() and (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1):
+        raise SettingsError(f"--model_name_or_path {name_or_path}: no such folder (nor a Hub id like owner/name)")
+    try:
+        config = HybridViTConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SettingsError(f"--model_name_or_path {name_or_path}: {first_line}") from None
+    for key in RUNTIME_MODEL_SETTINGS:
+        setattr(config, key, settings["model"][key])
+    new_head = [config.id2label[i] for i in range(config.num_labels)] != list(label_names)
+    if new_head:
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: i for i, name in enumerate(label_names)}
+    model = HybridViTForImageClassification.from_pretrained(
+        name_or_path,
+        config=config,
+        attn_implementation=settings["model"]["attn_implementation"],
+        ignore_mismatched_sizes=new_head,
+        dtype=torch.float32,
+    )
+    log(
+        f"starting from the weights of {name_or_path}: its architecture is used, and of the model "
+        f"settings only {', '.join(RUNTIME_MODEL_SETTINGS)} and attn_implementation apply"
+        + (f"; new classification head for {len(label_names)} classes" if new_head else "")
+    )
+    # A folder saved by run_train.py says which images it was trained on. Different split
+    # settings mean this run's validation images may have been training images there.
+    saved = Path(name_or_path) / "train_config.yaml"
+    if saved.is_file():
+        before = yaml.safe_load(saved.read_text())
+        keys = [("data", "dataset_name"), ("data", "train_val_split"), ("data", "max_train_samples"), ("training", "seed")]
+        changed = [key for section, key in keys if before.get(section, {}).get(key) != settings[section][key]]
+        if changed:
+            log(
+                f"warning: {name_or_path} was trained with other {', '.join(changed)}; its training images may "
+                "include this run's validation images, so validation accuracy may be optimistic"
+            )
+    return model
 
 
 def train(settings: dict, command: str) -> dict:
@@ -485,22 +544,26 @@ def train(settings: dict, command: str) -> dict:
             data["max_eval_samples"],
         )
     label_names = splits["train"].features[label_column].names
+    if train_cfg["model_name_or_path"] is not None:
+        model = load_initial_model(train_cfg["model_name_or_path"], settings, label_names, log)
+        config = model.config
+    else:
+        config = HybridViTConfig(
+            **settings["model"],
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+        )
+        model = HybridViTForImageClassification(config)
+    if config.backbone_whitening_size and train_cfg["model_name_or_path"] is None:
+        # From training images only; on resume the checkpoint's (identical) weights replace it.
+        sample = cifar10_data.normalized_images(splits["train"], image_column, label_column, config.image_size, 5000)
+        model.fit_whitening(sample)
+        log(f"whitening layer fitted to {len(sample)} training images")
     resume_path = resolve_resume_path(train_cfg["resume_from_checkpoint"], output_dir, log)
     if accelerator.is_main_process:
         check_output_dir_writable(output_dir)
     accelerator.wait_for_everyone()
 
-    config = HybridViTConfig(
-        **settings["model"],
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-    )
-    model = HybridViTForImageClassification(config)
-    if config.backbone_whitening_size:
-        # From training images only; on resume the checkpoint's (identical) weights replace it.
-        sample = cifar10_data.normalized_images(splits["train"], image_column, label_column, config.image_size, 5000)
-        model.fit_whitening(sample)
-        log(f"whitening layer fitted to {len(sample)} training images")
     num_parameters = model.num_parameters()
     memory_format = torch.channels_last if train_cfg["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)

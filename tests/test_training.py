@@ -326,6 +326,8 @@ def test_settings_override_and_layer(tmp_path):
         (["--backbone_whitening_size", "-2"], "`backbone_whitening_size` must be 0 (off) or a positive kernel size"),
         (["--hidden_size", "30", "--num_attention_heads", "4"], "`hidden_size` (30) must be divisible"),
         (["--config", "/nonexistent.yaml"], "config file not found"),
+        (["--model_name_or_path", "/nonexistent/model"], "--model_name_or_path /nonexistent/model: no such folder"),
+        (["--model_name_or_path", "someone/hybrid-vit"], "--model_name_or_path someone/hybrid-vit: "),  # offline
     ],
 )
 def test_bad_input_exits_with_one_clear_line_and_writes_nothing(dataset_dir, tmp_path, env, extra, message):
@@ -336,6 +338,51 @@ def test_bad_input_exits_with_one_clear_line_and_writes_nothing(dataset_dir, tmp
     assert last.startswith("error: ") and message in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_fine_tuning_starts_from_a_saved_model_and_swaps_the_head_for_new_classes(dataset_dir, tmp_path, env):
+    """--model_name_or_path takes the weights and architecture of a saved folder (whitening
+    included, not refitted), applies only the dropout settings of the model section, warns
+    when the folder was trained on another split, and gives a dataset with other classes a
+    new head while keeping the rest of the weights."""
+    start = tmp_path / "start"
+    result = train(base_args(dataset_dir, start, "--max_train_steps=6", "--backbone_whitening_size=2",
+                             "--checkpointing_steps=null"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Learning rate 1e-12: the weights can move by nothing measurable, so they must be start's.
+    still = ["--learning_rate=1e-12", "--weight_decay=0", "--max_train_steps=2", "--checkpointing_steps=null",
+             "--model_name_or_path", str(start), "--hidden_size=32", "--drop_path_rate=0.2"]
+
+    tuned = tmp_path / "tuned"
+    result = train(base_args(dataset_dir, tuned, *still, "--seed=7"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"starting from the weights of {start}" in result.stderr
+    assert "was trained with other seed" in result.stderr  # a new seed carves another validation split
+    config = json.loads((tuned / "config.json").read_text())
+    assert config["hidden_size"] == 16 and config["backbone_whitening_size"] == 2  # start's architecture
+    assert config["drop_path_rate"] == 0.2  # a training setting, so this run's
+    assert f"starting from the weights of `{start}`" in (tuned / "README.md").read_text()
+    before, after = weights(start), weights(tuned)
+    assert before.keys() == after.keys()
+    for key in before:
+        if "running_" not in key and "num_batches_tracked" not in key:  # BatchNorm statistics do move
+            torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
+
+    four = tmp_path / "four_classes"
+    names = ["cat", "dog", "ship", "frog"]
+    make_image_dataset(num_per_class=6, num_classes=4, names=names).to_parquet(str(four / "train-00000-of-00001.parquet"))
+    new_head = tmp_path / "new_head"
+    result = train(base_args(four, new_head, *still), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "new classification head for 4 classes" in result.stderr
+    config = json.loads((new_head / "config.json").read_text())
+    assert config["id2label"] == {str(i): name for i, name in enumerate(names)}
+    after = weights(new_head)
+    resized = {key for key in before if before[key].shape != after[key].shape}
+    assert resized and all(key.startswith("classifier") for key in resized) and after["classifier.weight"].shape[0] == 4
+    for key in before.keys() - resized:
+        if "running_" not in key and "num_batches_tracked" not in key:
+            torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_missing_columns_are_named(tmp_path, env):
