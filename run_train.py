@@ -554,11 +554,11 @@ def train(settings: dict, command: str) -> dict:
             label2id={name: i for i, name in enumerate(label_names)},
         )
         model = HybridViTForImageClassification(config)
-    if config.backbone_whitening_size and train_cfg["model_name_or_path"] is None:
-        # From training images only; on resume the checkpoint's (identical) weights replace it.
-        sample = cifar10_data.normalized_images(splits["train"], image_column, label_column, config.image_size, 5000)
-        model.fit_whitening(sample)
-        log(f"whitening layer fitted to {len(sample)} training images")
+        if config.backbone_whitening_size:
+            # From training images only; on resume the checkpoint's (identical) weights replace it.
+            sample = cifar10_data.normalized_images(splits["train"], image_column, label_column, config.image_size, 5000)
+            model.fit_whitening(sample)
+            log(f"whitening layer fitted to {len(sample)} training images")
     resume_path = resolve_resume_path(train_cfg["resume_from_checkpoint"], output_dir, log)
     if accelerator.is_main_process:
         check_output_dir_writable(output_dir)
