@@ -462,6 +462,13 @@ def load_initial_model(name_or_path, settings, label_names, log):
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SettingsError(f"--model_name_or_path {name_or_path}: {first_line}") from None
+    # validate() checked these against the model section's image size; the images are this model's size
+    size, data = config.image_size, settings["data"]
+    if data["cutout_size"] > size or data["tta_shift"] >= size:
+        raise SettingsError(
+            f"--model_name_or_path {name_or_path} takes {size}x{size} images, so cutout_size must be at most {size} "
+            f"and tta_shift below {size}; got {data['cutout_size']} and {data['tta_shift']}"
+        )
     for key in RUNTIME_MODEL_SETTINGS:
         setattr(config, key, settings["model"][key])
     new_head = [config.id2label[i] for i in range(config.num_labels)] != list(label_names)

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 import cifar10_data
 import run_train
+from configuration_hybrid_vit import HybridViTConfig
+from modeling_hybrid_vit import HybridViTForImageClassification, save_model_and_processor
 from tests.conftest import PROJECT_ROOT, SHARED_CIFAR10, TINY_MODEL, make_image_dataset, run_isolated
 
 TINY_ARGS = [f"--{key}={','.join(map(str, value)) if isinstance(value, list) else value}" for key, value in TINY_MODEL.items()]
@@ -383,6 +385,21 @@ def test_fine_tuning_starts_from_a_saved_model_and_swaps_the_head_for_new_classe
     for key in before.keys() - resized:
         if "running_" not in key and "num_batches_tracked" not in key:
             torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("extra", [["--tta_shift=20"], ["--cutout_size=20"]])
+def test_fine_tuning_checks_shift_and_cutout_against_the_saved_models_image_size(dataset_dir, tmp_path, env, extra):
+    """The model section says 32x32 images here, but the saved model takes 16x16 ones, and
+    that is the size training and evaluation use: a 20-pixel shift or cutout is refused."""
+    start = tmp_path / "start"
+    save_model_and_processor(HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL)), start)
+    out = tmp_path / "never"
+    result = train(base_args(dataset_dir, out, "--max_train_steps=2", "--image_size=32", "--model_name_or_path", str(start),
+                             *extra), env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "takes 16x16 images" in last and "Traceback" not in result.stderr
+    assert not out.exists()
 
 
 def test_missing_columns_are_named(tmp_path, env):
