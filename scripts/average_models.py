@@ -77,10 +77,10 @@ def check_compatible(names, models):
             raise InputError(f"{name} has another architecture than {names[0]} (first difference: {differing[0][0]})")
         if model.config.id2label != models[0].config.id2label:
             raise InputError(f"{name} predicts other labels than {names[0]}")
-        if split_settings(name) != first_split:
-            print(f"warning: {name} was trained with another validation split (train_val_split, seed = "
-                  f"{split_settings(name)}, not {first_split}); some of the validation images here may be its "
-                  "training images", file=sys.stderr)
+        split = split_settings(name)
+        if split != first_split:
+            print(f"warning: {name} was trained with another validation split (train_val_split, seed = {split}, "
+                  f"not {first_split}); some of the validation images here may be its training images", file=sys.stderr)
 
 
 def training_batches(images, labels, batch_size: int, seed: int):
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         shutil.copy(Path(args.models[0]) / "train_config.yaml", out / "train_config.yaml")
     record = {"models": args.models, "weights": weights, "dataset_name": args.dataset_name,
               "validation_split": dict(zip(("train_val_split", "seed"), split_settings(args.models[0]))),
-              "bn_images": bn_images, "bn_seed": args.seed, "validation": scores}
+              "validation_images": len(validation), "bn_images": bn_images, "bn_seed": args.seed, "validation": scores}
     (out / "averaging.json").write_text(json.dumps(record, indent=2))
     print(f"saved the average to {out}", file=sys.stderr)
     return 0

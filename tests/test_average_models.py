@@ -107,6 +107,27 @@ def test_the_command_line_saves_a_loadable_average_with_fresh_batchnorm_statisti
     assert (out / "train_config.yaml").read_text() == (paths["a"] / "train_config.yaml").read_text()
 
 
+def test_without_an_estimate_batchnorm_statistics_are_averaged_and_the_seed_sets_the_estimate(folders, tmp_path, capsys):
+    root, data, paths = folders
+    models = ["--models", str(paths["a"]), str(paths["b"]), "--dataset_name", str(data), "--max_eval_samples", "3"]
+    assert average_models.main([*models, "--bn_images", "0", "--output_dir", str(tmp_path / "kept")]) == 0
+    assert "BatchNorm statistics averaged" in capsys.readouterr().out
+    first, second, kept = (load_file(p / "model.safetensors") for p in (paths["a"], paths["b"], tmp_path / "kept"))
+    running = [key for key in kept if "running_mean" in key]
+    assert running
+    for key in running:
+        torch.testing.assert_close(kept[key], (first[key] + second[key]) / 2)
+    record = json.loads((tmp_path / "kept" / "averaging.json").read_text())
+    assert record["bn_images"] == 0 and record["validation_images"] == 3
+
+    estimates = {}
+    for name, seed in (("s1", "1"), ("s1_again", "1"), ("s2", "2")):
+        assert average_models.main([*models, "--seed", seed, "--output_dir", str(tmp_path / name)]) == 0
+        estimates[name] = load_file(tmp_path / name / "model.safetensors")
+    assert all(torch.equal(estimates["s1"][key], estimates["s1_again"][key]) for key in running)
+    assert not all(torch.equal(estimates["s1"][key], estimates["s2"][key]) for key in running)
+
+
 def test_models_of_different_architectures_are_refused_and_nothing_is_written(folders, tmp_path, capsys):
     root, data, paths = folders
     out = tmp_path / "soup"
