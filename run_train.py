@@ -186,6 +186,10 @@ def validate(settings: dict):
     _check(train["max_grad_norm"] >= 0, "max_grad_norm", ">= 0", train["max_grad_norm"])
     init = train["model_name_or_path"]
     _check(init is None or (isinstance(init, str) and init), "model_name_or_path", "a saved model folder, a Hub id or null", init)
+    teacher = train["teacher_model"]
+    _check(teacher is None or (isinstance(teacher, str) and teacher), "teacher_model", "a saved model folder, a Hub id or null", teacher)
+    _check(0 <= train["distillation_alpha"] <= 1, "distillation_alpha", "in [0, 1]", train["distillation_alpha"])
+    _check(train["distillation_temperature"] > 0, "distillation_temperature", "> 0", train["distillation_temperature"])
     ema = train["ema_decay"]
     _check(ema is None or (isinstance(ema, (int, float)) and 0 < ema < 1), "ema_decay", "in (0, 1) or null", ema)
     schedulers = [s.value for s in SchedulerType]
@@ -379,6 +383,12 @@ def write_model_card(output_dir, settings, results, command, label_names):
     ]
     base = train["model_name_or_path"]
     start = f", starting from the weights of `{base}`" if base else ""
+    if train["teacher_model"]:
+        start += (
+            f", distilled from `{train['teacher_model']}` (weight {train['distillation_alpha']:g} on its "
+            f"predictions{', averaged with its mirror image' if train['teacher_flip_tta'] else ''}, "
+            f"temperature {train['distillation_temperature']:g})"
+        )
     card_data = ModelCardData(
         model_name=name,
         base_model=base if base and not Path(base).exists() else None,  # metadata names Hub models only
@@ -446,22 +456,84 @@ classify("image.png")
 RUNTIME_MODEL_SETTINGS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
 
 
+def load_saved_config(name_or_path, key):
+    """The config.json of a saved model folder or Hub id, or one clear line naming --key."""
+    from configuration_hybrid_vit import HybridViTConfig
+
+    if not Path(name_or_path).is_dir() and (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1):
+        raise SettingsError(f"--{key} {name_or_path}: no such folder (nor a Hub id like owner/name)")
+    try:
+        return HybridViTConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SettingsError(f"--{key} {name_or_path}: {first_line}") from None
+
+
+def load_teacher(name_or_path, settings, label_names, image_size, log):
+    """A trained model to distil from: frozen, in eval mode (BatchNorm uses its running
+    statistics), float32 weights run under the run's autocast. It must predict the same
+    classes, in the same order, from images of the student's size."""
+    from modeling_hybrid_vit import HybridViTForImageClassification
+
+    config = load_saved_config(name_or_path, "teacher_model")
+    teacher_labels = [config.id2label[i] for i in range(config.num_labels)]
+    if teacher_labels != list(label_names):
+        raise SettingsError(
+            f"--teacher_model {name_or_path} predicts {teacher_labels}, but the dataset's classes are {list(label_names)}"
+        )
+    if config.image_size != image_size:
+        raise SettingsError(
+            f"--teacher_model {name_or_path} takes {config.image_size}x{config.image_size} images; this run trains on "
+            f"{image_size}x{image_size}"
+        )
+    teacher = HybridViTForImageClassification.from_pretrained(
+        name_or_path, config=config, attn_implementation=settings["model"]["attn_implementation"], dtype=torch.float32
+    )
+    teacher.eval().requires_grad_(False)
+    train = settings["training"]
+    log(
+        f"distilling from {name_or_path}: loss = {1 - train['distillation_alpha']:g} x cross-entropy with the labels + "
+        f"{train['distillation_alpha']:g} x T^2 KL(teacher || student) at T = {train['distillation_temperature']:g}"
+        + (", the teacher's logits averaged over each image and its mirror image" if train["teacher_flip_tta"] else "")
+    )
+    return teacher
+
+
+def teacher_logits(teacher, pixel_values, accelerator, flip_tta) -> torch.Tensor:
+    """The teacher's float32 logits for the student's (augmented, mixed) batch; with
+    `flip_tta`, averaged with those of the mirror images, as flip TTA scores a model."""
+    from cifar10_data import tta_views
+
+    with torch.no_grad(), accelerator.autocast():
+        if not flip_tta:
+            return teacher(pixel_values=pixel_values).logits.float()
+        return sum(weight * teacher(pixel_values=view).logits.float() for view, weight in tta_views(pixel_values))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Hinton et al.'s soft-target term: KL(teacher || student) between the two softmax
+    distributions at `temperature`, averaged over the batch and scaled by T^2 so that its
+    gradients keep their size as T changes."""
+    import torch.nn.functional as F
+
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student_logits.float() / t, dim=-1),
+        F.log_softmax(teacher_logits.float() / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+
+
 def load_initial_model(name_or_path, settings, label_names, log):
     """The model to fine-tune: weights and architecture from a saved folder or a Hub id.
 
     As in transformers' examples, a dataset with other classes gets a new classification
     head (``ignore_mismatched_sizes``). The whitening layer keeps its fitted weights.
     """
-    from configuration_hybrid_vit import HybridViTConfig
     from modeling_hybrid_vit import HybridViTForImageClassification
 
-    if not Path(name_or_path).is_dir() and (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1):
-        raise SettingsError(f"--model_name_or_path {name_or_path}: no such folder (nor a Hub id like owner/name)")
-    try:
-        config = HybridViTConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SettingsError(f"--model_name_or_path {name_or_path}: {first_line}") from None
+    config = load_saved_config(name_or_path, "model_name_or_path")
     # validate() checked these against the model section's image size; the images are this model's size
     size, data = config.image_size, settings["data"]
     if data["cutout_size"] > size or data["tta_shift"] >= size:
@@ -566,6 +638,9 @@ def train(settings: dict, command: str) -> dict:
             sample = cifar10_data.normalized_images(splits["train"], image_column, label_column, config.image_size, 5000)
             model.fit_whitening(sample)
             log(f"whitening layer fitted to {len(sample)} training images")
+    teacher = None
+    if train_cfg["teacher_model"] is not None:
+        teacher = load_teacher(train_cfg["teacher_model"], settings, label_names, config.image_size, log)
     resume_path = resolve_resume_path(train_cfg["resume_from_checkpoint"], output_dir, log)
     if accelerator.is_main_process:
         check_output_dir_writable(output_dir)
@@ -574,6 +649,8 @@ def train(settings: dict, command: str) -> dict:
     num_parameters = model.num_parameters()
     memory_format = torch.channels_last if train_cfg["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device, memory_format=memory_format)
 
     datasets, train_augmentation, skipped_at_decode = cifar10_data.build_datasets(
         splits,
@@ -705,8 +782,17 @@ def train(settings: dict, command: str) -> dict:
                 # that is what lets a resumed run repeat the uninterrupted one exactly.
                 torch.manual_seed(cifar10_data.sample_seed(seed, epoch, micro_step, accelerator.process_index))
                 with accelerator.accumulate(model):
-                    logits = model(pixel_values=batch["pixel_values"].contiguous(memory_format=memory_format)).logits
+                    pixel_values = batch["pixel_values"].contiguous(memory_format=memory_format)
+                    logits = model(pixel_values=pixel_values).logits
                     loss = classification_loss(logits, batch["labels"], data["label_smoothing"])
+                    if teacher is not None:
+                        alpha = train_cfg["distillation_alpha"]
+                        soft = distillation_loss(
+                            logits,
+                            teacher_logits(teacher, pixel_values, accelerator, train_cfg["teacher_flip_tta"]),
+                            train_cfg["distillation_temperature"],
+                        )
+                        loss = (1 - alpha) * loss + alpha * soft
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         elapsed = train_seconds + time.perf_counter() - tick

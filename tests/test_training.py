@@ -330,6 +330,9 @@ def test_settings_override_and_layer(tmp_path):
         (["--config", "/nonexistent.yaml"], "config file not found"),
         (["--model_name_or_path", "/nonexistent/model"], "--model_name_or_path /nonexistent/model: no such folder"),
         (["--model_name_or_path", "someone/hybrid-vit"], "--model_name_or_path someone/hybrid-vit: "),  # offline
+        (["--teacher_model", "/nonexistent/teacher"], "--teacher_model /nonexistent/teacher: no such folder"),
+        (["--distillation_alpha", "1.5"], "--distillation_alpha must be in [0, 1], got 1.5"),
+        (["--distillation_temperature", "0"], "--distillation_temperature must be > 0, got 0.0"),
     ],
 )
 def test_bad_input_exits_with_one_clear_line_and_writes_nothing(dataset_dir, tmp_path, env, extra, message):
@@ -399,6 +402,70 @@ def test_fine_tuning_checks_shift_and_cutout_against_the_saved_models_image_size
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "takes 16x16 images" in last and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_distillation_loss_is_hintons_soft_target_term():
+    student = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.3, 0.1]], requires_grad=True)
+    teacher = torch.tensor([[0.5, 1.5, -0.5], [1.0, -1.0, 0.0]])
+    assert run_train.distillation_loss(teacher, teacher, 3.0).item() == pytest.approx(0.0, abs=1e-7)
+    for t in (1.0, 4.0):
+        p, log_q = torch.softmax(teacher / t, -1), torch.log_softmax(student / t, -1)
+        expected = (p * (p.log() - log_q)).sum(-1).mean() * t * t
+        torch.testing.assert_close(run_train.distillation_loss(student, teacher, t), expected)
+    # A gradient step on the term moves the student's distribution towards the teacher's.
+    loss = run_train.distillation_loss(student, teacher)
+    loss.backward()
+    stepped = (student - 0.5 * student.grad).detach()
+    assert run_train.distillation_loss(stepped, teacher) < loss
+
+
+def save_teacher(path, names=("class_0", "class_1", "class_2"), **overrides):
+    config = HybridViTConfig(**{**TINY_MODEL, **overrides}, id2label=dict(enumerate(names)),
+                             label2id={name: i for i, name in enumerate(names)})
+    torch.manual_seed(3)
+    save_model_and_processor(HybridViTForImageClassification(config), path)
+    return path
+
+
+def test_distillation_from_a_saved_teacher(dataset_dir, tmp_path, env):
+    """--teacher_model adds the teacher's predictions to the loss: at distillation_alpha 0
+    the run is bit for bit the run without a teacher (the teacher draws no random numbers
+    and leaves the data order alone), at 1 the weights go elsewhere, and the card says so."""
+    teacher = save_teacher(tmp_path / "teacher")
+    args = ["--decode_once=true", "--max_train_steps=4", "--checkpointing_steps=null", "--channels_last=true"]
+    runs = {}
+    for name, extra in [("plain", []), ("alpha0", ["--teacher_model", str(teacher), "--distillation_alpha=0"]),
+                        ("alpha1", ["--teacher_model", str(teacher), "--distillation_alpha=1",
+                                    "--distillation_temperature=2", "--teacher_flip_tta=false"])]:
+        runs[name] = tmp_path / name
+        result = train(base_args(dataset_dir, runs[name], *extra), env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if extra:
+            assert f"distilling from {teacher}" in result.stderr
+    assert_same_weights(weights(runs["alpha0"]), weights(runs["plain"]))
+    assert not torch.equal(weights(runs["alpha1"])["classifier.weight"], weights(runs["plain"])["classifier.weight"])
+    card = (runs["alpha1"] / "README.md").read_text()
+    assert f"distilled from `{teacher}` (weight 1 on its predictions, temperature 2)" in card
+    assert "distilled from" not in (runs["plain"] / "README.md").read_text()
+    saved = run_train.yaml.safe_load((runs["alpha1"] / "train_config.yaml").read_text())["training"]
+    assert saved["teacher_model"] == str(teacher) and saved["distillation_alpha"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "names, overrides, message",
+    [
+        (("cat", "dog", "ship"), {}, "predicts ['cat', 'dog', 'ship'], but the dataset's classes are ['class_0', 'class_1', 'class_2']"),
+        (("class_0", "class_1", "class_2"), {"image_size": 32}, "takes 32x32 images; this run trains on 16x16"),
+    ],
+)
+def test_a_teacher_of_other_classes_or_image_size_is_refused(dataset_dir, tmp_path, env, names, overrides, message):
+    teacher = save_teacher(tmp_path / "teacher", names, **overrides)
+    out = tmp_path / "never"
+    result = train(base_args(dataset_dir, out, "--max_train_steps=2", "--teacher_model", str(teacher)), env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --teacher_model ") and message in last and "Traceback" not in result.stderr
     assert not out.exists()
 
 
