@@ -190,6 +190,9 @@ def validate(settings: dict):
     _check(teacher is None or (isinstance(teacher, str) and teacher), "teacher_model", "a saved model folder, a Hub id or null", teacher)
     _check(0 <= train["distillation_alpha"] <= 1, "distillation_alpha", "in [0, 1]", train["distillation_alpha"])
     _check(train["distillation_temperature"] > 0, "distillation_temperature", "> 0", train["distillation_temperature"])
+    shift = train["teacher_tta_shift"]
+    _check(isinstance(shift, int) and 0 <= shift < size, "teacher_tta_shift", f"an integer in [0, {size})", shift)
+    _check(shift == 0 or train["teacher_flip_tta"], "teacher_tta_shift", "0 when --teacher_flip_tta is false (shifts are views of flip TTA)", shift)
     ema = train["ema_decay"]
     _check(ema is None or (isinstance(ema, (int, float)) and 0 < ema < 1), "ema_decay", "in (0, 1) or null", ema)
     schedulers = [s.value for s in SchedulerType]
@@ -386,7 +389,8 @@ def write_model_card(output_dir, settings, results, command, label_names):
     if train["teacher_model"]:
         start += (
             f", distilled from `{train['teacher_model']}` (weight {train['distillation_alpha']:g} on its "
-            f"predictions{', averaged with its mirror image' if train['teacher_flip_tta'] else ''}, "
+            f"predictions{', averaged with its mirror image' if train['teacher_flip_tta'] else ''}"
+            f"{f' and {shift}-pixel shifts of both' if (shift := train['teacher_tta_shift']) else ''}, "
             f"temperature {train['distillation_temperature']:g})"
         )
     card_data = ModelCardData(
@@ -495,19 +499,21 @@ def load_teacher(name_or_path, settings, label_names, image_size, log):
         f"distilling from {name_or_path}: loss = {1 - train['distillation_alpha']:g} x cross-entropy with the labels + "
         f"{train['distillation_alpha']:g} x T^2 KL(teacher || student) at T = {train['distillation_temperature']:g}"
         + (", the teacher's logits averaged over each image and its mirror image" if train["teacher_flip_tta"] else "")
+        + (f", both also shifted by {train['teacher_tta_shift']} pixels" if train["teacher_tta_shift"] else "")
     )
     return teacher
 
 
-def teacher_logits(teacher, pixel_values, accelerator, flip_tta) -> torch.Tensor:
+def teacher_logits(teacher, pixel_values, accelerator, flip_tta, tta_shift=0) -> torch.Tensor:
     """The teacher's float32 logits for the student's (augmented, mixed) batch; with
-    `flip_tta`, averaged with those of the mirror images, as flip TTA scores a model."""
+    `flip_tta`, averaged with those of the mirror images (and with `tta_shift`, of both
+    shifted), as `evaluate` scores a model with test-time augmentation."""
     from cifar10_data import tta_views
 
     with torch.no_grad(), accelerator.autocast():
         if not flip_tta:
             return teacher(pixel_values=pixel_values).logits.float()
-        return sum(weight * teacher(pixel_values=view).logits.float() for view, weight in tta_views(pixel_values))
+        return sum(weight * teacher(pixel_values=view).logits.float() for view, weight in tta_views(pixel_values, tta_shift))
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -789,7 +795,9 @@ def train(settings: dict, command: str) -> dict:
                         alpha = train_cfg["distillation_alpha"]
                         soft = distillation_loss(
                             logits,
-                            teacher_logits(teacher, pixel_values, accelerator, train_cfg["teacher_flip_tta"]),
+                            teacher_logits(
+                                teacher, pixel_values, accelerator, train_cfg["teacher_flip_tta"], train_cfg["teacher_tta_shift"]
+                            ),
                             train_cfg["distillation_temperature"],
                         )
                         loss = (1 - alpha) * loss + alpha * soft

@@ -333,6 +333,8 @@ def test_settings_override_and_layer(tmp_path):
         (["--teacher_model", "/nonexistent/teacher"], "--teacher_model /nonexistent/teacher: no such folder"),
         (["--distillation_alpha", "1.5"], "--distillation_alpha must be in [0, 1], got 1.5"),
         (["--distillation_temperature", "0"], "--distillation_temperature must be > 0, got 0.0"),
+        (["--teacher_tta_shift", "2", "--teacher_flip_tta", "false"], "--teacher_tta_shift must be 0 when --teacher_flip_tta is false"),
+        (["--teacher_tta_shift", "16"], "--teacher_tta_shift must be an integer in [0, 16), got 16"),
     ],
 )
 def test_bad_input_exits_with_one_clear_line_and_writes_nothing(dataset_dir, tmp_path, env, extra, message):
@@ -437,16 +439,19 @@ def test_distillation_from_a_saved_teacher(dataset_dir, tmp_path, env):
     runs = {}
     for name, extra in [("plain", []), ("alpha0", ["--teacher_model", str(teacher), "--distillation_alpha=0"]),
                         ("alpha1", ["--teacher_model", str(teacher), "--distillation_alpha=1",
-                                    "--distillation_temperature=2", "--teacher_flip_tta=false"])]:
+                                    "--distillation_temperature=2", "--teacher_flip_tta=false"]),
+                        ("shift", ["--teacher_model", str(teacher), "--distillation_alpha=1", "--teacher_tta_shift=2"])]:
         runs[name] = tmp_path / name
         result = train(base_args(dataset_dir, runs[name], *extra), env)
         assert result.returncode == 0, result.stderr[-3000:]
         if extra:
             assert f"distilling from {teacher}" in result.stderr
     assert_same_weights(weights(runs["alpha0"]), weights(runs["plain"]))
-    assert not torch.equal(weights(runs["alpha1"])["classifier.weight"], weights(runs["plain"])["classifier.weight"])
+    distilled = [weights(runs[name])["classifier.weight"] for name in ("plain", "alpha1", "shift")]
+    assert not torch.equal(distilled[1], distilled[0]) and not torch.equal(distilled[2], distilled[1])
     card = (runs["alpha1"] / "README.md").read_text()
     assert f"distilled from `{teacher}` (weight 1 on its predictions, temperature 2)" in card
+    assert "averaged with its mirror image and 2-pixel shifts of both, temperature 1" in (runs["shift"] / "README.md").read_text()
     assert "distilled from" not in (runs["plain"] / "README.md").read_text()
     saved = run_train.yaml.safe_load((runs["alpha1"] / "train_config.yaml").read_text())["training"]
     assert saved["teacher_model"] == str(teacher) and saved["distillation_alpha"] == 1.0
