@@ -1,0 +1,195 @@
+"""Configuration of the hybrid Vision Transformer: a small CNN backbone that turns the
+image into a grid of tokens, followed by a plain pre-norm transformer encoder.
+
+This file and `modeling_hybrid_vit.py` are what `save_pretrained` copies into a Hub
+model folder, so they import only torch and transformers.
+"""
+
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+CIFAR10_LABELS = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
+
+class HybridViTConfig(PretrainedConfig):
+    r"""
+    Architecture of a [`HybridViTModel`]. Defaults give the model of the project's GPU
+    recipe (`default.yaml`): an airbench-shaped backbone (2x2 patch whitening, then three
+    stages of two 3x3 convolutions, 64, 256 and 256 channels, each pooling after its first
+    convolution) that downsamples 32x32 images by 8 into a 4x4 grid of 16 tokens, and a
+    2-layer, 256-wide encoder: 3.1 M parameters.
+
+    Args:
+        image_size (`int`, *optional*, defaults to 32):
+            Height and width of the input images, in pixels.
+        num_channels (`int`, *optional*, defaults to 3):
+            Number of input channels.
+        backbone_hidden_sizes (`list[int]`, *optional*, defaults to `[64, 256, 256]`):
+            Output channels of each backbone stage. A stage is `backbone_layers_per_stage`
+            blocks of conv 3x3 + BatchNorm + activation, followed by a 2x2 max-pool, so the
+            backbone downsamples by `2 ** len(backbone_hidden_sizes)`.
+        backbone_layers_per_stage (`int`, *optional*, defaults to 2):
+            Conv + BatchNorm + activation blocks in each backbone stage.
+        backbone_pool_first (`bool`, *optional*, defaults to `True`):
+            Put each stage's max-pool right after its first convolution (before that
+            convolution's BatchNorm and activation) instead of at the end of the stage, so
+            the stage's other convolutions run at the reduced resolution. With two layers
+            per stage this is airbench's block: the same depth for about half the FLOPs.
+        backbone_whitening_size (`int`, *optional*, defaults to 2):
+            If positive, the backbone starts with a frozen `k x k` convolution (`k` this
+            value, "same" padding) followed by the activation, whose `2 * num_channels * k * k`
+            filters whiten image patches: the eigenvectors of the patch covariance scaled by
+            the inverse square root of their eigenvalue, and their negatives. Its weights are
+            set from training images by [`HybridViTPreTrainedModel.fit_whitening`] (which
+            `run_train.py` calls before training) and saved with the model. 0: no whitening layer.
+        patch_size (`int`, *optional*, defaults to 8):
+            Total downsampling of the backbone, i.e. the side of the image patch that one
+            token sees. Must equal `2 ** len(backbone_hidden_sizes)` and divide `image_size`.
+        hidden_size (`int`, *optional*, defaults to 256):
+            Width of the transformer encoder.
+        num_hidden_layers (`int`, *optional*, defaults to 2):
+            Number of transformer blocks.
+        num_attention_heads (`int`, *optional*, defaults to 4):
+            Attention heads per block; must divide `hidden_size`.
+        intermediate_size (`int`, *optional*, defaults to 512):
+            Hidden width of each block's MLP.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the MLP and of the backbone (any key of `transformers.activations.ACT2FN`).
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout on embeddings, on attention and MLP outputs, and before the classifier.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout on the attention probabilities.
+        drop_path_rate (`float`, *optional*, defaults to 0.1):
+            Stochastic depth rate of the last block; it rises linearly from 0 in the first.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the layer norms.
+        qkv_bias (`bool`, *optional*, defaults to `True`):
+            Whether the query, key and value projections have a bias.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal initialisation of linear layers,
+            position embeddings and the CLS token.
+
+    Labels default to the ten CIFAR-10 classes; pass `id2label` / `label2id` (or
+    `num_labels`) for another dataset.
+    """
+
+    model_type = "hybrid_vit"
+
+    def __init__(
+        self,
+        image_size=32,
+        num_channels=3,
+        backbone_hidden_sizes=(64, 256, 256),
+        backbone_layers_per_stage=2,
+        backbone_pool_first=True,
+        backbone_whitening_size=2,
+        patch_size=8,
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.1,
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+        initializer_range=0.02,
+        **kwargs,
+    ):
+        if "id2label" not in kwargs and "num_labels" not in kwargs:
+            kwargs["id2label"] = dict(enumerate(CIFAR10_LABELS))
+            kwargs["label2id"] = {name: i for i, name in enumerate(CIFAR10_LABELS)}
+        self.image_size = image_size
+        self.num_channels = num_channels
+        self.backbone_hidden_sizes = list(backbone_hidden_sizes)
+        self.backbone_layers_per_stage = backbone_layers_per_stage
+        self.backbone_pool_first = backbone_pool_first
+        self.backbone_whitening_size = backbone_whitening_size
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_eps = layer_norm_eps
+        self.qkv_bias = qkv_bias
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        self._validate_architecture()
+
+    def _validate_architecture(self):
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+        for name in (
+            "image_size",
+            "num_channels",
+            "backbone_layers_per_stage",
+            "patch_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        ):
+            positive_int(name)
+        if not self.backbone_hidden_sizes or any(
+            isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in self.backbone_hidden_sizes
+        ):
+            raise ValueError(
+                f"`backbone_hidden_sizes` must be a non-empty list of positive integers, got {self.backbone_hidden_sizes!r}"
+            )
+        if not isinstance(self.backbone_pool_first, bool):
+            raise ValueError(f"`backbone_pool_first` must be true or false, got {self.backbone_pool_first!r}")
+        size = self.backbone_whitening_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"`backbone_whitening_size` must be 0 (off) or a positive kernel size, got {size!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` must be one of transformers' activations (e.g. 'gelu'), got {self.hidden_act!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"`image_size` ({self.image_size}) must be divisible by `patch_size` ({self.patch_size})"
+            )
+        downsampling = 2 ** len(self.backbone_hidden_sizes)
+        if downsampling != self.patch_size:
+            raise ValueError(
+                f"`backbone_hidden_sizes` has {len(self.backbone_hidden_sizes)} stages, which downsample by "
+                f"{downsampling}, but `patch_size` is {self.patch_size}"
+            )
+
+    @property
+    def num_patches(self):
+        """Tokens the backbone produces, CLS excluded: (image_size / patch_size) ** 2."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+__all__ = ["HybridViTConfig", "CIFAR10_LABELS"]
