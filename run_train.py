@@ -336,6 +336,16 @@ def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=train_cfg["learning_rate"], betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]))
 
 
+def model_logits(model, pixel_values, flip_tta=False, tta_shift=0) -> torch.Tensor:
+    """A model's float32 logits for a batch; with `flip_tta`, averaged with those of the
+    mirror images (and with `tta_shift`, of both shifted; `cifar10_data.tta_views`)."""
+    from cifar10_data import tta_views
+
+    if not flip_tta:
+        return model(pixel_values=pixel_values).logits.float()
+    return sum(weight * model(pixel_values=view).logits.float() for view, weight in tta_views(pixel_values, tta_shift))
+
+
 def evaluate(model, dataloader, accelerator, flip_tta=False, tta_shift=0) -> dict:
     """Validation loss and accuracy; gather_for_metrics drops the samples that
     distributed sampling duplicates, so each image counts exactly once. With `flip_tta`,
@@ -343,20 +353,14 @@ def evaluate(model, dataloader, accelerator, flip_tta=False, tta_shift=0) -> dic
     those of both shifted by that many pixels (weights from `cifar10_data.tta_views`)."""
     import torch.nn.functional as F
 
-    from cifar10_data import tta_views
-
     model.eval()
     correct = total = 0
     loss_sum = 0.0
     # autocast for a model that prepare() did not wrap (the weight average) too
     with torch.no_grad(), accelerator.autocast():
         for batch in dataloader:
-            if flip_tta:
-                logits = sum(weight * model(pixel_values=view).logits.float()
-                             for view, weight in tta_views(batch["pixel_values"], tta_shift))
-            else:
-                logits = model(pixel_values=batch["pixel_values"]).logits
-            losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+            logits = model_logits(model, batch["pixel_values"], flip_tta, tta_shift)
+            losses = F.cross_entropy(logits, batch["labels"], reduction="none")
             predictions, labels, losses = accelerator.gather_for_metrics(
                 (logits.argmax(-1), batch["labels"], losses)
             )
@@ -505,15 +509,10 @@ def load_teacher(name_or_path, settings, label_names, image_size, log):
 
 
 def teacher_logits(teacher, pixel_values, accelerator, flip_tta, tta_shift=0) -> torch.Tensor:
-    """The teacher's float32 logits for the student's (augmented, mixed) batch; with
-    `flip_tta`, averaged with those of the mirror images (and with `tta_shift`, of both
-    shifted), as `evaluate` scores a model with test-time augmentation."""
-    from cifar10_data import tta_views
-
+    """The teacher's float32 logits for the student's (augmented, mixed) batch, with the
+    test-time augmentation `evaluate` scores a model with, under the run's autocast."""
     with torch.no_grad(), accelerator.autocast():
-        if not flip_tta:
-            return teacher(pixel_values=pixel_values).logits.float()
-        return sum(weight * teacher(pixel_values=view).logits.float() for view, weight in tta_views(pixel_values, tta_shift))
+        return model_logits(teacher, pixel_values, flip_tta, tta_shift)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
