@@ -2,6 +2,7 @@
 fast GPU config, then default.yaml, and leaves logs and trained folders in $OUT."""
 
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -63,3 +64,28 @@ def test_device_run_sizes_schedules_from_the_loop_speed_without_benchmarking(dat
     summary = (out / "summary.log").read_text()
     assert "== gpu_fast: configs/gpu_fast.yaml for at most 1.0 min, 11 epochs (fitted to the measured speed)" in summary
     assert summary.count('"eval_accuracy"') == 2
+
+
+def test_device_run_gives_the_whole_budget_to_default_yaml_when_fast_seconds_is_0(dataset_dir, tmp_path, env):
+    """FAST_SECONDS=0 skips gpu_fast.yaml: default.yaml alone gets what the budget leaves
+    (90 s less set-up less a 30 s reserve, about 60 s), sized at LOOP_SPEED with SPEED_MARGIN;
+    EXTRA_ARGS reach it (a seed and no per-epoch checkpoints, as for a release run)."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        ["bash", "scripts/device_run.sh", "run"],
+        cwd=PROJECT_ROOT,
+        env={**env, "OUT": str(out), "DATASET": str(dataset_dir), "BUDGET_SECONDS": "90", "RESERVE_SECONDS": "30",
+             "PYTHON": sys.executable, "DEVICE_DIR": str(tmp_path / "no_wheels"), "BENCHMARK": "0", "FAST_SECONDS": "0",
+             "LOOP_SPEED": "9000", "SPEED_MARGIN": "0.5", "EXTRA_ARGS": TINY + " --seed 0 --checkpointing_steps null"},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = {p.name for p in out.iterdir()}
+    assert not any(name.startswith("gpu_fast") for name in names) and "default.tar.gz" in names
+    summary = (out / "summary.log").read_text()
+    assert summary.count('"eval_accuracy"') == 1 and "== gpu_fast" not in summary
+    # 50-60 s x 9,000 images/s x 0.5 / 45,000 = 5-6 epochs (TINY's own --num_train_epochs, later on the line, wins)
+    assert re.search(r"== default: default\.yaml for at most [0-9.]+ min, [56] epochs \(fitted", summary), summary
+    with tarfile.open(out / "default.tar.gz") as archive:
+        config = archive.extractfile("default/train_config.yaml").read().decode()
+    assert "seed: 0" in config and "checkpointing_steps: null" in config
