@@ -4,7 +4,7 @@ for a few images, one row each.
 
     python visualize.py --model outputs/hybrid-vit-cifar10 --dataset_name ../shared/data/cifar10 \
         --num_images 8 --output attention.png
-    python visualize.py --model outputs/hybrid-vit-cifar10 --images cat.png dog.jpg --method heads
+    python visualize.py --model outputs/hybrid-vit-cifar10 --images cat.png dog.jpg --method heads [--layer 1]
 
 Every map is computed from `outputs.attentions`, the attention probabilities the model
 returns with `output_attentions=True` (one tensor per layer, (B, heads, T, T), token 0 the
@@ -120,13 +120,39 @@ def cls_attention_entropy(attentions) -> torch.Tensor:
     return torch.stack(entropies)
 
 
+def is_uniform(heatmap: torch.Tensor, rtol: float = 1e-4) -> bool:
+    """Whether a map is flat: its values differ by less than `rtol` of the largest. A layer
+    whose queries and keys have decayed to zero attends evenly, and its maps are flat."""
+    values = heatmap.detach().float()
+    return bool(values.max() - values.min() <= rtol * values.abs().max().clamp_min(1e-12))
+
+
+def draw_map(ax, heatmap: torch.Tensor, image: Image.Image | None = None) -> None:
+    """One panel: the map over `image`, or, without one, the raw token grid (one square per
+    token, stretched to its own range). A flat map is drawn in the colormap's middle and
+    labelled "uniform"."""
+    uniform = is_uniform(heatmap)
+    if image is not None:
+        ax.imshow(overlay(image, heatmap))
+    else:
+        grid = heatmap.detach().float().cpu().numpy()
+        level = float(grid.mean())
+        limits = {"vmin": 0.0, "vmax": 2 * level} if uniform and level > 0 else {}
+        ax.imshow(grid, cmap=COLORMAP, interpolation="nearest", **limits)
+    if uniform:
+        ax.text(0.5, 0.5, "uniform", transform=ax.transAxes, ha="center", va="center", color="white", fontsize=9)
+
+
 def overlay(image: Image.Image, heatmap: torch.Tensor, cmap: str = COLORMAP, alpha: float = 0.55) -> np.ndarray:
     """Blend a (g, g) heatmap, upsampled bilinearly to the image size and stretched to its
     own min..max, with the image through a matplotlib colormap: (H, W, 3) floats in [0, 1]."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
     H, W = pixels.shape[:2]
     heat = F.interpolate(heatmap.detach().float().cpu()[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0]
-    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+    spread = heat.max() - heat.min()
+    # An even map (attention spread equally) gets the colormap's middle, not its bottom:
+    # stretched to its own range it would come out black, like a map of no attention.
+    heat = torch.full_like(heat, 0.5) if is_uniform(heatmap) else (heat - heat.min()) / spread.clamp_min(1e-12)
     colours = matplotlib.colormaps[cmap](heat.numpy())[..., :3]
     return np.clip((1.0 - alpha) * pixels + alpha * colours, 0.0, 1.0)
 
@@ -225,10 +251,11 @@ def display_image(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
 # ----------------------------------------------------------------------------- figures
 
 
-def attention_figure(model, processor, images, true_labels=None, names=None, method: str = "rollout"):
+def attention_figure(model, processor, images, true_labels=None, names=None, method: str = "rollout", layer: int | None = None):
     """One row per image: the image with its true label (or, when unknown, its name from
-    `names`) and the prediction with its probability, then the attention rollout, the last
-    layer's CLS attention averaged over heads, and that attention for each head.
+    `names`) and the prediction with its probability, then the attention rollout, the CLS
+    attention of `layer` (counted from 1; default the last) averaged over heads, and that
+    attention for each head.
     `method` chooses the emphasis: `rollout` and `cls` draw that map over the image in the
     second column, `heads` draws every head over it; the other maps show the raw token grid."""
     if method not in METHODS:
@@ -241,8 +268,11 @@ def attention_figure(model, processor, images, true_labels=None, names=None, met
     probabilities = outputs.logits.float().softmax(dim=-1)
     confidence, predicted = probabilities.max(dim=-1)
     rollout = rollout_map(outputs.attentions)  # (B, g, g)
-    heads = cls_attention(outputs.attentions)  # (B, nh, g, g)
-    layer = len(outputs.attentions)
+    num_layers = len(outputs.attentions)
+    layer = num_layers if layer is None else layer
+    if not 1 <= layer <= num_layers:
+        raise InputError(f"layer must be between 1 and {num_layers} (this model's transformer layers), got {layer}")
+    heads = cls_attention(outputs.attentions, layer - 1)  # (B, nh, g, g)
 
     panels = [  # (title, (B, g, g) maps, drawn over the image)
         ("attention rollout", rollout, method == "rollout"),
@@ -264,10 +294,7 @@ def attention_figure(model, processor, images, true_labels=None, names=None, met
         axes[b, 0].imshow(shown)
         axes[b, 0].set_title(f"{first}\npred: {label} {confidence[b]:.0%}", fontsize=10, color=colour)
         for ax, (title, maps, overlaid) in zip(axes[b, 1:], panels):
-            if overlaid:
-                ax.imshow(overlay(shown, maps[b]))
-            else:  # the raw g x g token grid, one square per token
-                ax.imshow(maps[b].cpu().numpy(), cmap=COLORMAP, interpolation="nearest")
+            draw_map(ax, maps[b], shown if overlaid else None)
             if b == 0:
                 ax.set_title(title, fontsize=10)
     for ax in axes.flat:
@@ -275,8 +302,8 @@ def attention_figure(model, processor, images, true_labels=None, names=None, met
         ax.set_yticks([])
     emphasis = {
         "rollout": "Attention rollout from the CLS token drawn over the image",
-        "cls": "Last layer's CLS attention (mean of heads) drawn over the image",
-        "heads": "Each head's CLS attention in the last layer drawn over the image",
+        "cls": f"Layer {layer}'s CLS attention (mean of heads) drawn over the image",
+        "heads": f"Each head's CLS attention in layer {layer} drawn over the image",
     }[method]
     fig.suptitle(
         f"{emphasis}; other maps show the {heads.shape[-1]}x{heads.shape[-1]} token grid.\n"
@@ -341,11 +368,15 @@ def parse_args(argv=None):
     parser.add_argument("--num_images", type=int, default=8, help="images sampled from the dataset")
     parser.add_argument("--seed", type=int, default=0, help="which images are sampled")
     parser.add_argument("--method", choices=METHODS, default="rollout",
-                        help="what is drawn over the image: the rollout, the last layer's CLS attention, or each head")
+                        help="what is drawn over the image: the rollout, --layer's CLS attention (mean of heads), or each head")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="the transformer layer (from 1) whose CLS attention is drawn per head; default the last")
     parser.add_argument("--output", default="attention.png", help="PNG file to write")
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error("--num_images must be at least 1")
+    if args.layer is not None and args.layer < 1:
+        parser.error("--layer counts from 1")
     return args
 
 
@@ -355,6 +386,8 @@ def main(argv=None) -> int:
         # Check the inputs before the slow model and dataset loading.
         images = [open_image(path) for path in args.images] if args.images else None
         model, processor = load_model(args.model)
+        if args.layer is not None and args.layer > model.config.num_hidden_layers:
+            raise InputError(f"--layer {args.layer}: {args.model} has {model.config.num_hidden_layers} transformer layers")
         if images is not None:
             true_labels, names = None, [Path(path).name for path in args.images]
         else:
@@ -362,7 +395,7 @@ def main(argv=None) -> int:
             indices = sample_indices(len(dataset), args.num_images, args.seed)
             images, true_labels = dataset_images(dataset, image_column, label_column, indices)
             names = None
-        fig = attention_figure(model, processor, images, true_labels, names, args.method)
+        fig = attention_figure(model, processor, images, true_labels, names, args.method, args.layer)
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.output, dpi=110)
     except InputError as error:

@@ -187,6 +187,32 @@ def test_overlay_is_an_rgb_float_image_the_size_of_the_input():
     assert abs(blended[0, 0] - blended[-1, -1]).sum() > 0.3
 
 
+def test_a_flat_map_is_drawn_mid_colormap_and_labelled_uniform():
+    """A layer that attends evenly (its queries and keys decayed to zero, as in the release's
+    second layer) gives a flat map. Stretched to its own range it would come out black, the
+    look of no attention at all; it is drawn in the colormap's middle and labelled."""
+    from matplotlib.figure import Figure
+
+    image = Image.new("RGB", (8, 8), (128, 128, 128))
+    flat, peaked = torch.full((4, 4), 1 / 17), torch.zeros(4, 4)
+    peaked[1, 2] = 0.5
+    assert visualize.is_uniform(flat) and not visualize.is_uniform(peaked)
+    assert not visualize.is_uniform(flat + 1e-3 * torch.rand(4, 4))
+    middle = visualize.matplotlib.colormaps[visualize.COLORMAP](0.5)[:3]
+    expected = 0.45 * 128 / 255 + 0.55 * torch.tensor(middle)
+    blended = torch.from_numpy(visualize.overlay(image, flat)).float()
+    torch.testing.assert_close(blended, expected.float().expand(8, 8, 3), atol=1e-3, rtol=0)
+
+    axes = Figure().subplots(1, 3)
+    visualize.draw_map(axes[0], flat)  # the raw token grid
+    visualize.draw_map(axes[1], flat, image)
+    visualize.draw_map(axes[2], peaked)
+    assert [[t.get_text() for t in ax.texts] for ax in axes] == [["uniform"], ["uniform"], []]
+    grid = axes[0].images[0]
+    assert grid.norm(1 / 17) == pytest.approx(0.5)  # the middle of the colormap, not its black end
+    assert axes[2].images[0].norm(0.5) == pytest.approx(1.0)  # other maps: stretched to their range
+
+
 # --------------------------------------------------------------------- model and datasets
 
 
@@ -201,6 +227,30 @@ def test_grayscale_and_rgba_images_are_predicted_as_rgb(model_dir):
     for method in visualize.METHODS:
         fig = visualize.attention_figure(model, processor, images, names=["gray", "rgba", "rgb"], method=method)
         assert len(fig.axes) == 3 * (3 + TINY_MODEL["num_attention_heads"])
+
+
+def test_the_figure_draws_the_heads_of_the_chosen_layer(model_dir, tmp_path, capsys):
+    model, processor = visualize.load_model(str(model_dir))
+    image = Image.new("RGB", (16, 16), (90, 30, 200))
+    layers = TINY_MODEL["num_hidden_layers"]
+    for layer, expected in ((None, layers), (1, 1)):
+        fig = visualize.attention_figure(model, processor, [image], names=["x"], method="heads", layer=layer)
+        titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        assert f"layer {expected} head 1" in titles and f"layer {expected} CLS, mean of heads" in titles
+        assert f"in layer {expected} drawn" in fig._suptitle.get_text()
+    with pytest.raises(visualize.InputError, match=f"layer must be between 1 and {layers}"):
+        visualize.attention_figure(model, processor, [image], names=["x"], layer=layers + 1)
+    # On the command line: refused once the model is loaded, before any drawing; nothing written.
+    image.save(tmp_path / "x.png")
+    output = tmp_path / "a.png"
+    code = visualize.main(["--model", str(model_dir), "--images", str(tmp_path / "x.png"), "--layer", str(layers + 1),
+                           "--output", str(output)])
+    assert code == 2 and not output.exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --layer {layers + 1}: {model_dir} has {layers} transformer layers"
+    )
+    with pytest.raises(SystemExit):
+        visualize.parse_args(["--model", "m", "--layer", "0"])
 
 
 def test_the_validation_split_is_the_one_training_carved(model_dir, data_dirs, tmp_path):
