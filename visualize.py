@@ -149,10 +149,9 @@ def overlay(image: Image.Image, heatmap: torch.Tensor, cmap: str = COLORMAP, alp
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
     H, W = pixels.shape[:2]
     heat = F.interpolate(heatmap.detach().float().cpu()[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0]
-    spread = heat.max() - heat.min()
     # An even map (attention spread equally) gets the colormap's middle, not its bottom:
     # stretched to its own range it would come out black, like a map of no attention.
-    heat = torch.full_like(heat, 0.5) if is_uniform(heatmap) else (heat - heat.min()) / spread.clamp_min(1e-12)
+    heat = torch.full_like(heat, 0.5) if is_uniform(heatmap) else (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
     colours = matplotlib.colormaps[cmap](heat.numpy())[..., :3]
     return np.clip((1.0 - alpha) * pixels + alpha * colours, 0.0, 1.0)
 

@@ -374,7 +374,7 @@ def test_the_notebook_runs_end_to_end_on_a_tiny_model(model_dir, data_dirs, env,
     from nbclient import NotebookClient
 
     for key, value in {**env, "MODEL_PATH": str(model_dir), "DATASET": str(data_dirs[0]), "NUM_IMAGES": "2",
-                       "MAX_EVAL": "9"}.items():
+                       "MAX_EVAL": "9", "LAYER": "1"}.items():
         monkeypatch.setenv(key, value)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=180, kernel_name="python3",
