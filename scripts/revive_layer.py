@@ -5,8 +5,8 @@ When weight decay has shrunk all four matrices to about zero (the H200 release's
 layer: norms 0.002 and below), the block passes its input through, and it cannot learn
 its way back: each branch is a product of two near-zero matrices, whose gradients are each
 proportional to the other's size, a saddle point. This re-draws the input side of both
-branches (`to_qkv` and `fc1`: truncated normal at the model's `initializer_range`, zero
-biases) and leaves the output side (`to_out`, `fc2`) as it is, near zero. The model then
+branches (`to_qkv` and `fc1`: normal at the model's `initializer_range`, clipped to twice
+that, zero biases) and leaves the output side (`to_out`, `fc2`) as it is, near zero. The model then
 computes what it did before, up to those near-zero outputs, and the output matrices get a
 gradient again, as with zero-initialised residual branches (Goyal et al., 2017; Zhang et
 al., 2019, "Fixup"). Fine-tune the result, e.g. distilled from the original model.
