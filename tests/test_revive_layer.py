@@ -108,3 +108,11 @@ def test_the_command_line_refuses_a_live_layer_and_writes_nothing(tmp_path, caps
     assert revive_layer.main(["--model", str(source), "--layer", "1", "--output_dir", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: layer 1 is alive")
     assert not out.exists()
+
+
+def test_dead_below_sets_what_counts_as_dead():
+    model = model_with_a_dead_second_layer()
+    with pytest.raises(revive_layer.InputError, match="layer 2 is alive"):
+        revive_layer.revive(model, 2, dead_below=1e-6)  # its output norms are about 1e-4 of a live layer's
+    norms = revive_layer.revive(model, 1, dead_below=100.0)
+    assert norms["after"]["attention.to_qkv"] != norms["before"]["attention.to_qkv"]
