@@ -4,7 +4,11 @@ Models fine-tuned from one starting point, such as runs of `run_train.py
 --model_name_or_path`, often lie in one basin of the loss, where the average of their
 weights can score above each of them (Wortsman et al., 2022, "Model soups"). BatchNorm's
 running statistics do not average that way, so they are estimated afresh on training
-images (random crop and flip, no AutoAugment), unless `--bn_images 0`.
+images, unless `--bn_images 0`. Those images get the augmentation the first model was
+trained with (its train_config.yaml: crop, flip, Cutout, AutoAugment, MixUp and CutMix), since
+the statistics a model learned are those of its augmented training images: re-estimated on
+merely cropped and flipped images, the Cutout-trained release scores 91.50% instead of its
+91.90%. `--bn_augmentation crop_flip` uses crop and flip alone, as this script once did.
 
     python scripts/average_models.py --models checkpoints/hybrid-vit-cifar10 outputs/ft-a outputs/ft-b \
         --dataset_name ../shared/data/cifar10 --output_dir outputs/soup [--weights 2 1 1]
@@ -83,13 +87,50 @@ def check_compatible(names, models):
                   f"not {first_split}); some of the validation images here may be its training images", file=sys.stderr)
 
 
-def training_batches(images, labels, batch_size: int, seed: int):
-    """Normalised batches of the decoded training images with random crop and flip."""
+CROP_FLIP = {"random_crop_padding": 4, "horizontal_flip": True, "cutout_size": 0, "auto_augment": "none",
+             "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5}
+
+
+def training_augmentation(model_path) -> dict:
+    """The augmentation settings of the run that trained `model_path` (the data section of its
+    train_config.yaml); random crop and flip alone, as in CROP_FLIP, for what it does not say."""
+    config = Path(model_path) / "train_config.yaml"
+    if not config.is_file():
+        return dict(CROP_FLIP)
+    import yaml
+
+    data = (yaml.safe_load(config.read_text()) or {}).get("data", {})
+    return {key: type(default)(data[key]) if data.get(key) is not None else default for key, default in CROP_FLIP.items()}
+
+
+def describe(augmentation: dict) -> str:
+    """The augmentation in a few words, for the summary line."""
+    parts = [f"crop {augmentation['random_crop_padding']}"] if augmentation["random_crop_padding"] else []
+    parts += ["flip"] if augmentation["horizontal_flip"] else []
+    parts += [f"Cutout {augmentation['cutout_size']}"] if augmentation["cutout_size"] else []
+    parts += [augmentation["auto_augment"]] if augmentation["auto_augment"] != "none" else []
+    parts += [f"MixUp {augmentation['mixup_alpha']}"] if augmentation["mixup_alpha"] else []
+    parts += [f"CutMix {augmentation['cutmix_alpha']}"] if augmentation["cutmix_alpha"] else []
+    return ", ".join(parts) or "none"
+
+
+def training_batches(images, labels, batch_size: int, seed: int, augmentation: dict | None = None):
+    """Normalised batches of the decoded training images, augmented as `augmentation` says
+    (see training_augmentation; default CROP_FLIP), batch by batch as run_train does."""
     import cifar10_data
 
-    dataset = cifar10_data.DecodedImages(images, labels, train=True, seed=seed)
+    augmentation = augmentation or CROP_FLIP
+    dataset = cifar10_data.DecodedImages(
+        images, labels, train=True, seed=seed, random_crop_padding=augmentation["random_crop_padding"],
+        horizontal_flip=augmentation["horizontal_flip"], auto_augment=augmentation["auto_augment"],
+        cutout_size=augmentation["cutout_size"],
+    )
+    mix = cifar10_data.MixCollator(
+        int(labels.max()) + 1, augmentation["mixup_alpha"], augmentation["cutmix_alpha"], augmentation["mix_prob"],
+        augmentation["mix_switch_prob"], seed=seed,
+    )
     for start in range(0, len(labels), batch_size):
-        yield dataset.__getitems__(list(range(start, min(start + batch_size, len(labels)))))["pixel_values"]
+        yield mix(dataset.__getitems__(list(range(start, min(start + batch_size, len(labels))))))["pixel_values"]
 
 
 def parse_args(argv=None):
@@ -101,7 +142,10 @@ def parse_args(argv=None):
     parser.add_argument("--bn_images", type=int, default=10000,
                         help="training images to estimate BatchNorm statistics on (0 keeps the averaged statistics)")
     parser.add_argument("--batch_size", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the crops and flips for the BatchNorm estimate")
+    parser.add_argument("--bn_augmentation", choices=["training", "crop_flip"], default="training",
+                        help="augment the BatchNorm estimate's images as the first model's run did (its "
+                             "train_config.yaml), or with random crop and flip alone")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the augmentation for the BatchNorm estimate")
     parser.add_argument("--max_eval_samples", type=int, default=None)
     args = parser.parse_args(argv)
     if len(args.models) < 2:
@@ -147,14 +191,16 @@ def main(argv=None) -> int:
     average.load_state_dict(average_state_dicts([model.state_dict() for model in models], weights))
     del models[1:], loaded
     bn_images = 0
+    augmentation = training_augmentation(args.models[0]) if args.bn_augmentation == "training" else dict(CROP_FLIP)
     if args.bn_images and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in average.modules()):
         train, *_ = load_split(args.models[0], args.dataset_name, "train", args.bn_images)
         images, labels, _ = cifar10_data.decode_all(train, image_column, label_column, average.config.image_size,
                                                     skip_bad_images=True)
-        bn_images = recalibrate_batchnorm(average, training_batches(images, labels, args.batch_size, args.seed))
+        bn_images = recalibrate_batchnorm(average, training_batches(images, labels, args.batch_size, args.seed,
+                                                                    augmentation))
     scores["average"] = score(average)
     print(f"average of {len(args.models)} (weights {weights}, BatchNorm statistics "
-          + (f"from {bn_images} training images" if bn_images else "averaged")
+          + (f"from {bn_images} training images ({describe(augmentation)})" if bn_images else "averaged")
           + f"): validation accuracy {scores['average']['accuracy']:.4f} ({scores['average']['accuracy_flip_tta']:.4f} with flip TTA)")
 
     from modeling_hybrid_vit import save_model_and_processor
@@ -165,7 +211,8 @@ def main(argv=None) -> int:
         shutil.copy(Path(args.models[0]) / "train_config.yaml", out / "train_config.yaml")
     record = {"models": args.models, "weights": weights, "dataset_name": args.dataset_name,
               "validation_split": dict(zip(("train_val_split", "seed"), split_settings(args.models[0]))),
-              "validation_images": len(validation), "bn_images": bn_images, "bn_seed": args.seed, "validation": scores}
+              "validation_images": len(validation), "bn_images": bn_images, "bn_seed": args.seed,
+              "bn_augmentation": augmentation if bn_images else None, "validation": scores}
     (out / "averaging.json").write_text(json.dumps(record, indent=2))
     print(f"saved the average to {out}", file=sys.stderr)
     return 0

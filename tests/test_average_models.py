@@ -144,3 +144,41 @@ def test_one_model_or_a_wrong_number_of_weights_is_a_usage_error(folders, capsys
         with pytest.raises(SystemExit) as exit_info:
             average_models.main([*argv, "--dataset_name", str(data), "--output_dir", "unused"])
         assert exit_info.value.code == 2
+
+
+def test_the_batchnorm_estimate_augments_as_the_first_model_was_trained(folders, tmp_path, capsys):
+    """A Cutout-trained model's BatchNorm statistics are those of images with a square blanked
+    to the mean colour (0 once normalised); the estimate must see such images too."""
+    import shutil
+
+    root, data, paths = folders
+    trained = tmp_path / "cutout"
+    shutil.copytree(paths["a"], trained)
+    (trained / "train_config.yaml").write_text(
+        "data:\n  train_val_split: 0.2\n  random_crop_padding: 0\n  horizontal_flip: false\n  cutout_size: 6\n"
+        "  auto_augment: none\n  mixup_alpha: 0.0\ntraining:\n  seed: 0\n"
+    )
+    augmentation = average_models.training_augmentation(trained)
+    assert augmentation["cutout_size"] == 6 and augmentation["random_crop_padding"] == 0
+    assert average_models.training_augmentation(tmp_path / "no-config") == average_models.CROP_FLIP
+
+    images = torch.randint(1, 255, (4, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0])
+    blanked, = average_models.training_batches(images, labels, 4, seed=0, augmentation=augmentation)
+    plain, = average_models.training_batches(images, labels, 4, seed=0)
+    squares = (blanked == 0).all(dim=1)  # (B, H, W): pixels whose three channels were blanked
+    assert [int(square.sum()) for square in squares] == [36] * 4  # one 6 x 6 square in each image
+    assert not (plain == 0).all(dim=1).any()
+
+    estimates, outputs = {}, {}
+    for mode in ("training", "crop_flip"):
+        out = tmp_path / mode
+        assert average_models.main(["--models", str(trained), str(paths["a"]), "--dataset_name", str(data),
+                                    "--bn_augmentation", mode, "--max_eval_samples", "3", "--output_dir", str(out)]) == 0
+        outputs[mode] = capsys.readouterr().out
+        estimates[mode] = load_file(out / "model.safetensors")
+        record = json.loads((out / "averaging.json").read_text())
+        assert record["bn_augmentation"]["cutout_size"] == (6 if mode == "training" else 0)
+    assert "Cutout 6" in outputs["training"] and "Cutout" not in outputs["crop_flip"]
+    running = [key for key in estimates["training"] if "running_var" in key]
+    assert not all(torch.allclose(estimates["training"][key], estimates["crop_flip"][key]) for key in running)
