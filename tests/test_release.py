@@ -35,6 +35,23 @@ def test_release_card_states_its_score_command_hardware_and_time():
     assert "Hardware:" in card and "training time" in card
 
 
+def test_an_averaged_release_card_gives_the_averaging_command_and_the_average_score():
+    """A model soup's card must say how it was averaged: the command over every averaged model,
+    and the average's own score (averaging.json), which is what all_results.json states."""
+    record_path = RELEASE / "averaging.json"
+    if not record_path.is_file():
+        pytest.skip("the release is a single run, not an average")
+    record = json.loads(record_path.read_text())
+    card = (RELEASE / "README.md").read_text()
+    command = next(line for line in card.splitlines() if "Command: `python scripts/average_models.py" in line)
+    assert all(model in command for model in record["models"])
+    assert len(re.findall(r"Command: `python run_train.py", card)) >= len(record["models"])
+    results = json.loads((RELEASE / "all_results.json").read_text())
+    assert abs(record["validation"]["average"]["accuracy"] - results["eval_accuracy"]) < 1e-4
+    assert record["bn_images"] > 0 and record["bn_augmentation"]["cutout_size"] == yaml.safe_load(
+        (RELEASE / "train_config.yaml").read_text())["data"]["cutout_size"]
+
+
 def test_release_loads_with_no_project_code_and_classifies_the_examples(tmp_path):
     result = run_isolated(
         f"""
