@@ -195,15 +195,21 @@ def open_image(path) -> Image.Image:
         raise InputError(f"cannot read image {path}: {error}") from error
 
 
+def train_settings(model_path) -> dict:
+    """The settings of the run that trained `model_path` (its train_config.yaml, as run_train.py
+    saves it); empty when there is none, as for a Hub model."""
+    config = Path(model_path) / "train_config.yaml"
+    if not config.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(config.read_text()) or {}
+
+
 def split_settings(model_path) -> tuple[float, int]:
     """train_val_split and seed from the run's train_config.yaml, so the validation split
     here is the one training held out; the training defaults when there is none."""
-    config = Path(model_path) / "train_config.yaml"
-    if not config.is_file():
-        return 0.1, 42
-    import yaml
-
-    settings = yaml.safe_load(config.read_text()) or {}
+    settings = train_settings(model_path)
     return float(settings.get("data", {}).get("train_val_split", 0.1)), int(settings.get("training", {}).get("seed", 42))
 
 

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from visualize import InputError, load_model, load_split, split_settings  # noqa: E402
+from visualize import InputError, load_model, load_split, split_settings, train_settings  # noqa: E402
 
 
 def average_state_dicts(state_dicts: list[dict], weights: list[float]) -> dict:
@@ -94,12 +94,7 @@ CROP_FLIP = {"random_crop_padding": 4, "horizontal_flip": True, "cutout_size": 0
 def training_augmentation(model_path) -> dict:
     """The augmentation settings of the run that trained `model_path` (the data section of its
     train_config.yaml); random crop and flip alone, as in CROP_FLIP, for what it does not say."""
-    config = Path(model_path) / "train_config.yaml"
-    if not config.is_file():
-        return dict(CROP_FLIP)
-    import yaml
-
-    data = (yaml.safe_load(config.read_text()) or {}).get("data", {})
+    data = train_settings(model_path).get("data", {})
     return {key: type(default)(data[key]) if data.get(key) is not None else default for key, default in CROP_FLIP.items()}
 
 
