@@ -10,6 +10,7 @@ model by validation accuracy) plus a model card, all_results.json, train_config.
 training_log.json and checkpoints/step_N folders for exact resumption.
 """
 
+import itertools
 import json
 import math
 import os
@@ -26,6 +27,11 @@ import yaml
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("default.yaml")
 SECTIONS = ("model", "data", "training")
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+# Numeric settings that also take the word `auto` (num_train_epochs: fitted to max_train_minutes).
+AUTO_SETTINGS = ("num_train_epochs",)
+# A schedule fitted to max_train_minutes ends at the budget; the run is stopped regardless
+# only if the machine then slows down this much (the last steps' learning rate is near 0).
+FITTED_TIME_LIMIT_FACTOR = 1.1
 INCOMPLETE_SUFFIX = ".incomplete"
 
 
@@ -58,6 +64,8 @@ def coerce(key: str, value, default):
     `validate` then checks the range."""
     if value is None:
         return None
+    if key in AUTO_SETTINGS and isinstance(value, str) and value.lower() == "auto":
+        return "auto"
     if default is None:  # free-typed setting (e.g. max_train_samples: null): read a number if it is one
         for kind in (int, float):
             try:
@@ -173,9 +181,13 @@ def validate(settings: dict):
     _check(data["dataloader_num_workers"] >= 0, "dataloader_num_workers", ">= 0", data["dataloader_num_workers"])
 
     _check(isinstance(train["output_dir"], str) and train["output_dir"], "output_dir", "a folder", train["output_dir"])
-    _check(train["num_train_epochs"] > 0, "num_train_epochs", "> 0", train["num_train_epochs"])
+    epochs = train["num_train_epochs"]
+    _check(epochs == "auto" or epochs > 0, "num_train_epochs", "> 0 or auto", epochs)
     positive_int_or_none("max_train_steps", train)
     _check(train["max_train_minutes"] is None or float(train["max_train_minutes"]) > 0, "max_train_minutes", "> 0 or null", train["max_train_minutes"])
+    if epochs == "auto":
+        _check(train["max_train_minutes"] is not None, "num_train_epochs", "a number unless --max_train_minutes is set (auto fits the schedule to that time)", epochs)
+        _check(train["max_train_steps"] is None, "max_train_steps", "null with --num_train_epochs auto (the schedule is fitted to --max_train_minutes)", train["max_train_steps"])
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
         _check(isinstance(train[key], int) and train[key] > 0, key, "a positive integer", train[key])
     _check(train["learning_rate"] > 0, "learning_rate", "> 0", train["learning_rate"])
@@ -197,7 +209,7 @@ def validate(settings: dict):
     _check(ema is None or (isinstance(ema, (int, float)) and 0 < ema < 1), "ema_decay", "in (0, 1) or null", ema)
     schedulers = [s.value for s in SchedulerType]
     _check(train["lr_scheduler_type"] in schedulers, "lr_scheduler_type", f"one of {schedulers}", train["lr_scheduler_type"])
-    _check(train["mixed_precision"] in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16", train["mixed_precision"])
+    _check(train["mixed_precision"] in MIXED_PRECISION_CHOICES, "mixed_precision", "auto, no, fp16 or bf16", train["mixed_precision"])
     steps = train["checkpointing_steps"]
     if isinstance(steps, str) and steps.isdigit():
         steps = train["checkpointing_steps"] = int(steps)
@@ -316,6 +328,59 @@ def hardware_description(accelerator) -> str:
     return f"{accelerator.num_processes} process(es) on CPU: {cpu}, {os.cpu_count()} cores"
 
 
+# ------------------------------------------------------------------ precision
+
+
+MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+
+
+def bf16_matmul_speedup(size: int = 256, repeats: int = 3) -> float:
+    """How many times as fast a size x size bfloat16 matrix product runs as a float32 one
+    on this CPU: about 2-4 where bf16 is native (AVX-512 BF16, AMX), about 0.002-0.01 where
+    it is emulated (AVX2 only). Timing is the honest test: a capability flag says what the
+    CPU has, not what PyTorch's kernels make of it. Costs well under a second either way."""
+    def seconds(dtype, limit=None):
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        start = time.perf_counter()
+        a @ b  # warm-up; also the measurement when it is already far too slow
+        best = time.perf_counter() - start
+        if limit is not None and best > limit:
+            return best
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    float32 = seconds(torch.float32)
+    return float32 / seconds(torch.bfloat16, limit=50 * float32)
+
+
+def choose_mixed_precision(requested: str, device: torch.device, bf16_speedup=None) -> tuple[str, str]:
+    """Accelerate's mixed_precision (no | fp16 | bf16) for `requested`, and why, in words.
+
+    `auto` takes bf16 where the device runs it natively (a CUDA GPU that supports it, a CPU
+    whose bf16 matrix products are at least as fast as float32's), fp16 on a CUDA GPU
+    without bf16, and float32 otherwise. An explicit choice is kept; `bf16_speedup`
+    (measured when None) is only looked at on the CPU."""
+    if device.type == "cuda":
+        if requested != "auto":
+            return requested, "as set"
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{torch.cuda.get_device_name(device)} runs bf16 natively"
+        return "fp16", f"{torch.cuda.get_device_name(device)} has no bf16: fp16 with loss scaling"
+    if device.type != "cpu" or requested in ("no", "fp16"):
+        return ("no" if requested == "auto" else requested), ("as set" if requested != "auto" else f"float32 on {device.type}")
+    speedup = bf16_matmul_speedup() if bf16_speedup is None else bf16_speedup
+    capability = torch.backends.cpu.get_cpu_capability()
+    if speedup >= 1.0:
+        return "bf16", f"bf16 matrix products run {speedup:.1f}x as fast as float32 on this CPU ({capability}): native"
+    emulated = f"bf16 is emulated on this CPU ({capability}): its matrix products run {1 / speedup:.0f}x slower than float32"
+    if requested == "bf16":
+        return "bf16", f"as set, although {emulated}"
+    return "no", f"float32: {emulated}"
+
+
 def parameter_groups(model, weight_decay):
     """Optimiser groups: no weight decay on norms, biases, position embeddings or the CLS token."""
     decay, no_decay = [], []
@@ -334,6 +399,74 @@ def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
     if train_cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=train_cfg["learning_rate"], momentum=train_cfg["sgd_momentum"], nesterov=True)
     return torch.optim.AdamW(groups, lr=train_cfg["learning_rate"], betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]))
+
+
+# ------------------------------------------------------------------- schedule
+
+
+def make_scheduler(optimizer, train_cfg, total_steps: int, num_processes: int, completed_steps: int = 0):
+    """transformers' get_scheduler over `total_steps` optimisation steps, standing at
+    `completed_steps`: a schedule re-fitted mid-run goes on from where the run is. Steps
+    count once per process, Accelerate's convention for a prepared scheduler (as in the
+    transformers no_trainer examples)."""
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(
+        train_cfg["lr_scheduler_type"],
+        optimizer=optimizer,
+        num_warmup_steps=round(train_cfg["warmup_ratio"] * total_steps) * num_processes,
+        num_training_steps=total_steps * num_processes,
+    )
+    if completed_steps:
+        scheduler.last_epoch = completed_steps * num_processes - 1
+        scheduler.step()  # sets each group's learning rate for step `completed_steps`
+    return scheduler
+
+
+def steps_that_fit(seconds_left: float, seconds_per_step: float) -> int:
+    return max(1, int(seconds_left / max(seconds_per_step, 1e-9)))
+
+
+def measure_seconds_per_step(training_step, model, optimizer, dataloader, accelerator, warmup=3, timed=10) -> tuple[float, float]:
+    """Seconds per optimisation step of this run's own training step on its own batches,
+    timed over `timed` steps after `warmup` (first-call costs: allocation, autotuning,
+    compilation), and the seconds the whole probe took. The probe's updates are undone
+    (weights, BatchNorm statistics, optimiser and loss-scaler state are restored, and the
+    global RNG is left as it was), so the run that follows is the run a fixed schedule of
+    the same length would train: only the step count depends on the clock."""
+    import copy
+
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    saved_model = copy.deepcopy(unwrapped.state_dict())
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    scaler = getattr(accelerator, "scaler", None)
+    saved_scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
+
+    def sync():
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize(accelerator.device)
+
+    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=cuda):
+        done, timed_start = 0, None
+        while done < warmup + timed:
+            for batch in dataloader:
+                training_step(batch)
+                done += 1
+                if done == warmup:
+                    sync()
+                    timed_start = time.perf_counter()
+                if done == warmup + timed:
+                    break
+        sync()
+        seconds_per_step = (time.perf_counter() - timed_start) / timed * accelerator.gradient_accumulation_steps
+    unwrapped.load_state_dict(saved_model)
+    optimizer.load_state_dict(saved_optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    if saved_scaler is not None:
+        scaler.load_state_dict(saved_scaler)
+    return seconds_per_step, time.perf_counter() - start
 
 
 def model_logits(model, pixel_values, flip_tta=False, tta_shift=0) -> torch.Tensor:
@@ -579,12 +712,26 @@ def load_initial_model(name_or_path, settings, label_names, log):
     return model
 
 
+def resolve_mixed_precision(requested: str) -> tuple[str, str]:
+    """choose_mixed_precision for the device this process will train on, decided by the
+    main process, so that every process of a run agrees."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()  # the process's device, before the Accelerator exists
+    choice = [None, None]
+    if state.is_main_process:
+        choice = list(choose_mixed_precision(requested, state.device))
+    if state.num_processes > 1:
+        broadcast_object_list(choice)
+    return choice[0], choice[1]
+
+
 def train(settings: dict, command: str) -> dict:
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import is_tensorboard_available, set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     import cifar10_data
     from configuration_hybrid_vit import HybridViTConfig
@@ -596,9 +743,10 @@ def train(settings: dict, command: str) -> dict:
     if report_to == "tensorboard" and not is_tensorboard_available():
         print("tensorboard is not installed; metrics go to training_log.json only", file=sys.stderr)
         report_to = "none"
+    precision, precision_reason = resolve_mixed_precision(train_cfg["mixed_precision"])
     try:
         accelerator = Accelerator(
-            mixed_precision=train_cfg["mixed_precision"],
+            mixed_precision=precision,
             gradient_accumulation_steps=train_cfg["gradient_accumulation_steps"],
             log_with=None if report_to == "none" else report_to,
             project_dir=output_dir,
@@ -616,6 +764,11 @@ def train(settings: dict, command: str) -> dict:
     def log(message):
         if accelerator.is_main_process:
             tqdm.write(message, file=sys.stderr)
+
+    if precision_reason.startswith("as set, although"):
+        log(f"warning: --mixed_precision bf16: {precision_reason.removeprefix('as set, although ')}; "
+            "--mixed_precision auto would train in float32")
+    log(f"mixed precision: {precision} ({precision_reason})")
 
     seed = train_cfg["seed"]
     set_seed(seed)
@@ -716,23 +869,59 @@ def train(settings: dict, command: str) -> dict:
 
     accumulation = train_cfg["gradient_accumulation_steps"]
     steps_per_epoch = math.ceil(len(train_dataloader) / accumulation)
-    max_train_steps = train_cfg["max_train_steps"] or int(train_cfg["num_train_epochs"] * steps_per_epoch)
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    # The prepared scheduler steps once per process per optimisation step (Accelerate's
-    # convention, as in the transformers no_trainer examples).
-    scheduler = get_scheduler(
-        train_cfg["lr_scheduler_type"],
-        optimizer=optimizer,
-        num_warmup_steps=round(train_cfg["warmup_ratio"] * max_train_steps) * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
-    scheduler = accelerator.prepare(scheduler)
+    budget = None if train_cfg["max_train_minutes"] is None else 60 * float(train_cfg["max_train_minutes"])
+    saved_state = json.loads((resume_path / "trainer_state.json").read_text()) if resume_path is not None else None
 
-    completed_steps, train_seconds, best_accuracy, history, skipped = 0, 0.0, -1.0, [], skipped_at_decode
+    def compute_loss(batch):
+        pixel_values = batch["pixel_values"].contiguous(memory_format=memory_format)
+        logits = model(pixel_values=pixel_values).logits
+        loss = classification_loss(logits, batch["labels"], data["label_smoothing"])
+        if teacher is not None:
+            alpha = train_cfg["distillation_alpha"]
+            soft = distillation_loss(
+                logits,
+                teacher_logits(teacher, pixel_values, accelerator, train_cfg["teacher_flip_tta"], train_cfg["teacher_tta_shift"]),
+                train_cfg["distillation_temperature"],
+            )
+            loss = (1 - alpha) * loss + alpha * soft
+        return loss
+
+    def probe_step(batch):
+        loss = compute_loss({key: value for key, value in batch.items() if key != "num_skipped"})
+        accelerator.backward(loss)
+        if train_cfg["max_grad_norm"] > 0:
+            accelerator.clip_grad_norm_(model.parameters(), train_cfg["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # The schedule's length: fixed by num_train_epochs or max_train_steps, or (num_train_epochs
+    # auto) fitted to max_train_minutes from this run's measured speed, re-fitted once after
+    # the first epoch. A fitted length is saved in every checkpoint, so resume stays exact.
+    probe_seconds = 0.0
+    if train_cfg["num_train_epochs"] != "auto":
+        schedule = {"fitted": False, "max_train_steps": train_cfg["max_train_steps"] or int(train_cfg["num_train_epochs"] * steps_per_epoch)}
+    elif saved_state is not None and "schedule" in saved_state:
+        schedule = saved_state["schedule"]
+    else:
+        seconds_per_step, probe_seconds = measure_seconds_per_step(probe_step, model, optimizer, train_dataloader, accelerator)
+        seconds_per_step = accelerator.reduce(torch.tensor(seconds_per_step, device=accelerator.device), "mean").item()
+        total = steps_that_fit(budget - probe_seconds, seconds_per_step)
+        schedule = {"fitted": True, "max_train_steps": total, "first_fit_steps": total, "seconds_per_step": seconds_per_step, "refitted": False}
+        log(
+            f"schedule fitted to {budget / 60:g} min: {seconds_per_step * 1000:.1f} ms a step measured over 10 steps, so "
+            f"{total} steps ({total / steps_per_epoch:.1f} epochs); re-fitted after the first epoch"
+        )
+    max_train_steps = schedule["max_train_steps"]
+    # A fixed schedule stops at the time limit; a fitted one ends there by itself, and is
+    # stopped only if the machine slows down by more than FITTED_TIME_LIMIT_FACTOR.
+    max_seconds = None if budget is None else budget * (FITTED_TIME_LIMIT_FACTOR if schedule["fitted"] else 1.0)
+    scheduler = accelerator.prepare(make_scheduler(optimizer, train_cfg, max_train_steps, accelerator.num_processes))
+
+    completed_steps, train_seconds, best_accuracy, history, skipped = 0, probe_seconds, -1.0, [], skipped_at_decode
     if resume_path is not None:
         log(f"resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
-        state = json.loads((resume_path / "trainer_state.json").read_text())
+        state = saved_state
         completed_steps, train_seconds = state["step"], state["train_seconds"]
         best_accuracy, history, skipped = state["best_eval_accuracy"], state["history"], state["num_skipped_images"]
         if ema is not None:
@@ -752,10 +941,26 @@ def train(settings: dict, command: str) -> dict:
             "best_eval_accuracy": best_accuracy,
             "history": history,
             "num_skipped_images": skipped,
+            "schedule": schedule,
         }
 
+    def refit_schedule(epoch_seconds, epoch_steps):
+        """After the first epoch: the steps that fit into what is left of the budget at the
+        speed the epoch ran at. The schedule changes only if the first estimate was off by
+        more than 2%; its warmup and decay then stretch or shrink from the current step on."""
+        nonlocal max_train_steps
+        measured = accelerator.reduce(torch.tensor([epoch_seconds / epoch_steps, train_seconds], device=accelerator.device), "mean")
+        seconds_per_step, elapsed = measured.tolist()
+        total = completed_steps + steps_that_fit(budget - elapsed, seconds_per_step) if elapsed < budget else completed_steps
+        schedule.update(refitted=True, epoch_seconds_per_step=seconds_per_step)
+        if abs(total - max_train_steps) > 0.02 * max_train_steps:
+            log(f"schedule re-fitted: {seconds_per_step * 1000:.1f} ms a step in the first epoch, so {total} steps in all, not {max_train_steps}")
+            max_train_steps = schedule["max_train_steps"] = total
+            scheduler.scheduler = make_scheduler(optimizer, train_cfg, total, accelerator.num_processes, completed_steps)
+            progress.total = total
+            progress.refresh()
+
     batch_images = train_cfg["per_device_train_batch_size"] * accelerator.num_processes
-    max_seconds = None if train_cfg["max_train_minutes"] is None else 60 * float(train_cfg["max_train_minutes"])
     checkpointing = train_cfg["checkpointing_steps"]
     limit = train_cfg["checkpoints_total_limit"]
     log(
@@ -770,10 +975,10 @@ def train(settings: dict, command: str) -> dict:
     try:
         time_up = False
         run_images, run_seconds = 0, 0.0
-        start_epoch = completed_steps // steps_per_epoch
-        for epoch in range(start_epoch, num_epochs):
+        for epoch in itertools.count(completed_steps // steps_per_epoch):
             if completed_steps >= max_train_steps or time_up:
                 break
+            epoch_start_seconds, epoch_start_steps = train_seconds, completed_steps
             train_dataloader.set_epoch(epoch)
             train_augmentation.epoch = train_collator.epoch = epoch
             skip = (completed_steps - epoch * steps_per_epoch) * accumulation
@@ -787,19 +992,7 @@ def train(settings: dict, command: str) -> dict:
                 # that is what lets a resumed run repeat the uninterrupted one exactly.
                 torch.manual_seed(cifar10_data.sample_seed(seed, epoch, micro_step, accelerator.process_index))
                 with accelerator.accumulate(model):
-                    pixel_values = batch["pixel_values"].contiguous(memory_format=memory_format)
-                    logits = model(pixel_values=pixel_values).logits
-                    loss = classification_loss(logits, batch["labels"], data["label_smoothing"])
-                    if teacher is not None:
-                        alpha = train_cfg["distillation_alpha"]
-                        soft = distillation_loss(
-                            logits,
-                            teacher_logits(
-                                teacher, pixel_values, accelerator, train_cfg["teacher_flip_tta"], train_cfg["teacher_tta_shift"]
-                            ),
-                            train_cfg["distillation_temperature"],
-                        )
-                        loss = (1 - alpha) * loss + alpha * soft
+                    loss = compute_loss(batch)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         elapsed = train_seconds + time.perf_counter() - tick
@@ -846,6 +1039,8 @@ def train(settings: dict, command: str) -> dict:
                 if completed_steps >= max_train_steps or time_up:
                     break
 
+            if schedule["fitted"] and not schedule["refitted"] and not time_up and completed_steps < max_train_steps:
+                refit_schedule(train_seconds - epoch_start_seconds, max(completed_steps - epoch_start_steps, 1))
             metrics = evaluate(eval_model, eval_dataloaders["validation"], accelerator)
             entry = {"step": completed_steps, "epoch": completed_steps / steps_per_epoch, "train_seconds": train_seconds}
             entry.update({f"eval_{k}": v for k, v in metrics.items()})
@@ -888,6 +1083,12 @@ def train(settings: dict, command: str) -> dict:
         "train_seconds": train_seconds,
         "train_samples_per_second": run_images / max(run_seconds, 1e-9),
         "stopped_by_time_limit": time_up,
+        "max_train_minutes": train_cfg["max_train_minutes"],
+        "schedule_fitted_to_time": schedule["fitted"],
+        "max_train_steps": max_train_steps,
+        "schedule": schedule,
+        "mixed_precision": precision,
+        "mixed_precision_reason": precision_reason,
         "num_skipped_images": skipped,
         "num_parameters": num_parameters,
         "hardware": hardware_description(accelerator),
