@@ -274,7 +274,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--matmul_size", type=int, default=2048)
-    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--mixed_precision", choices=["auto", "no", "bf16"], default="no",
+                        help="auto: bf16 where the device runs it natively, as run_train.py decides")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--models", nargs="+", choices=["hybrid-vit", "stock-vit"], default=["hybrid-vit", "stock-vit"],
                         help="which models to measure for each config (default: both, side by side)")
@@ -285,11 +286,14 @@ def main(argv=None):
 
     from tqdm.auto import tqdm
 
-    from run_train import make_optimizer
+    from run_train import choose_mixed_precision, make_optimizer
 
     device = torch.device(args.device)
+    if args.mixed_precision == "auto":
+        args.mixed_precision, reason = choose_mixed_precision("auto", device)
+        print(f"mixed precision: {args.mixed_precision} ({reason})", file=sys.stderr)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as run_train.py does
-    autocast_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     report = {
