@@ -53,9 +53,10 @@ class HybridViTConfig(PretrainedConfig):
             the inverse square root of their eigenvalue, and their negatives. Its weights are
             set from training images by [`HybridViTPreTrainedModel.fit_whitening`] (which
             `run_train.py` calls before training) and saved with the model. 0: no whitening layer.
-        patch_size (`int`, *optional*, defaults to 8):
+        patch_size (`int`, *optional*):
             Total downsampling of the backbone, i.e. the side of the image patch that one
-            token sees. Must equal `2 ** len(backbone_hidden_sizes)` and divide `image_size`.
+            token sees: `2 ** len(backbone_hidden_sizes)` (each stage pools by 2), derived
+            when not given. A given value must equal it, and it must divide `image_size`.
         hidden_size (`int`, *optional*, defaults to 256):
             Width of the transformer encoder.
         num_hidden_layers (`int`, *optional*, defaults to 2):
@@ -94,7 +95,7 @@ class HybridViTConfig(PretrainedConfig):
         backbone_layers_per_stage=2,
         backbone_pool_first=True,
         backbone_whitening_size=2,
-        patch_size=8,
+        patch_size=None,
         hidden_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -117,7 +118,7 @@ class HybridViTConfig(PretrainedConfig):
         self.backbone_layers_per_stage = backbone_layers_per_stage
         self.backbone_pool_first = backbone_pool_first
         self.backbone_whitening_size = backbone_whitening_size
-        self.patch_size = patch_size
+        self.patch_size = 2 ** len(self.backbone_hidden_sizes) if patch_size is None else patch_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads

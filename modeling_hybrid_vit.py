@@ -19,6 +19,8 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import can_return_tuple
 
 try:
     from .configuration_hybrid_vit import HybridViTConfig
@@ -122,37 +124,49 @@ class HybridViTEmbeddings(nn.Module):
         return self.dropout(tokens + position)
 
 
+def eager_attention_forward(module: nn.Module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """softmax(q k^T * scaling) v, written out: the one code path whose probabilities
+    `output_attentions` returns. Scores and softmax run in float32 even under autocast, as
+    the fused kernels keep them: bf16 rounds a score of 10 by 0.03, which moves its
+    probability by 3%. Returns the output as (B, N, nh, hs), transformers' convention for
+    attention functions, and the probabilities (B, nh, N, N)."""
+    with torch.autocast(query.device.type, enabled=False):
+        scores = (query.float() @ key.float().transpose(-2, -1)) * scaling  # (B, nh, N, N)
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        attentions = scores.softmax(dim=-1)
+    out = F.dropout(attentions.to(value.dtype), p=dropout, training=module.training) @ value  # (B, nh, N, hs)
+    return out.transpose(1, 2).contiguous(), attentions
+
+
 class HybridViTAttention(nn.Module):
-    """Multi-head self-attention. SDPA by default; the explicit softmax when the
-    attention probabilities are asked for, so they come from one visible code path."""
+    """Multi-head self-attention, dispatched like transformers' ViT through
+    `ALL_ATTENTION_FUNCTIONS` on `config._attn_implementation` (sdpa by default; eager,
+    flex or flash where installed), so `model.set_attn_implementation(...)` switches it at
+    run time. The attention probabilities always come from `eager_attention_forward`."""
 
     def __init__(self, config: HybridViTConfig):
         super().__init__()
         self.config = config
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_size**-0.5
+        self.is_causal = False
         self.to_qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.to_out = nn.Linear(config.hidden_size, config.hidden_size)
-        self.attn_dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self.out_dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
         B, N, C = x.shape
         qkv = self.to_qkv(x).view(B, N, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, nh, N, hs)
-        if output_attentions or self.config._attn_implementation == "eager":
-            # Scores and softmax in float32 even under autocast, as the fused kernels keep
-            # them: bf16 rounds a score of 10 by 0.03, which moves its probability by 3%.
-            with torch.autocast(q.device.type, enabled=False):
-                scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, nh, N, N)
-                attentions = scores.softmax(dim=-1)
-            out = self.attn_dropout(attentions.to(v.dtype)) @ v
-        else:
-            attentions = None
-            dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
-        return self.out_dropout(self.to_out(out)), attentions
+        attention = eager_attention_forward
+        if not output_attentions:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
+        out, attentions = attention(self, q, k, v, None, scaling=self.scaling, dropout=dropout, is_causal=False)
+        out = out.reshape(B, N, C)  # (B, N, nh, hs) -> (B, N, C)
+        return self.out_dropout(self.to_out(out)), attentions if output_attentions else None
 
 
 class HybridViTMLP(nn.Module):
@@ -245,10 +259,21 @@ class HybridViTModel(HybridViTPreTrainedModel):
     def __init__(self, config: HybridViTConfig):
         super().__init__(config)
         self.embeddings = HybridViTEmbeddings(config)
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Stochastic depth rising linearly from 0 to drop_path_rate over the blocks. Plain
+        # Python, not torch.linspace(...).tolist(): no tensor is read in __init__, so the
+        # model can be built on the meta device (FSDP, DeepSpeed ZeRO-3, accelerate's
+        # init_empty_weights).
+        n = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
         self.layers = nn.ModuleList(HybridViTLayer(config, rate) for rate in rates)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The layer that maps the convolutional features into the transformer's tokens (the
+        hybrid's patch projection, as ViT's `patch_embeddings`): `enable_input_require_grads`
+        hooks it, so adapters on a frozen stem train with gradient checkpointing."""
+        return self.embeddings.to_tokens
 
     def check_pixel_values(self, pixel_values, interpolate_pos_encoding: bool):
         """Raise a ValueError that says what was expected, rather than a shape error deep inside."""
@@ -273,13 +298,13 @@ class HybridViTModel(HybridViTPreTrainedModel):
                 "resize them or pass interpolate_pos_encoding=True"
             )
 
+    @can_return_tuple  # return_dict=False (or config.return_dict False): a tuple, as in transformers
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool = False,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
@@ -313,6 +338,10 @@ class HybridViTForImageClassification(HybridViTPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.hybrid_vit.get_input_embeddings()
+
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -320,7 +349,6 @@ class HybridViTForImageClassification(HybridViTPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool = False,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
         outputs = self.hybrid_vit(
@@ -328,12 +356,30 @@ class HybridViTForImageClassification(HybridViTPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
         )
         logits = self.classifier(self.dropout(outputs.pooler_output))  # (B, num_labels)
-        loss = None if labels is None else classification_loss(logits, labels)
+        loss = None if labels is None else self.loss(logits, labels)
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss `config.problem_type` names, as in transformers: "regression" is the
+        mean squared error, "multi_label_classification" binary cross-entropy on each label,
+        "single_label_classification" cross-entropy. Unset, one label means regression and
+        otherwise cross-entropy, which also takes soft targets (B, num_labels), such as MixUp
+        and CutMix make, where transformers would switch to multi-label BCE. The config is
+        never changed."""
+        problem, labels = self.config.problem_type, labels.to(logits.device)
+        if problem == "regression" or (problem is None and self.num_labels == 1):
+            if self.num_labels == 1:
+                return F.mse_loss(logits.float().view(-1), labels.float().view(-1))
+            return F.mse_loss(logits.float(), labels.float())
+        if problem == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return classification_loss(logits, labels)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

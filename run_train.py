@@ -80,7 +80,7 @@ def coerce(key: str, value, default):
             return value
         raise SettingsError(f"--{key} expects true or false, got {value!r}")
     if isinstance(default, (int, float)):
-        kind = type(default)
+        kind = float if key in AUTO_SETTINGS else type(default)
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 return kind(float(value)) if kind is float else int(value)
@@ -164,6 +164,10 @@ def validate(settings: dict):
         _check(value is None or (isinstance(value, int) and value > 0), key, "a positive integer or null", value)
 
     _check(isinstance(data["dataset_name"], str) and data["dataset_name"], "dataset_name", "a Hub id or a folder", data["dataset_name"])
+    from run_folder import is_local_path
+
+    hub_id = data["dataset_hub_id"]
+    _check(hub_id is None or (isinstance(hub_id, str) and not is_local_path(hub_id)), "dataset_hub_id", "a Hub id like owner/name, or null", hub_id)
     _check(0 < data["train_val_split"] < 1, "train_val_split", "in (0, 1)", data["train_val_split"])
     positive_int_or_none("max_train_samples", data)
     positive_int_or_none("max_eval_samples", data)
@@ -210,6 +214,10 @@ def validate(settings: dict):
     schedulers = [s.value for s in SchedulerType]
     _check(train["lr_scheduler_type"] in schedulers, "lr_scheduler_type", f"one of {schedulers}", train["lr_scheduler_type"])
     _check(train["mixed_precision"] in MIXED_PRECISION_CHOICES, "mixed_precision", "auto, no, fp16 or bf16", train["mixed_precision"])
+    sync = train["sync_batchnorm"]
+    if isinstance(sync, str) and sync.lower() in ("true", "false"):
+        sync = train["sync_batchnorm"] = sync.lower() == "true"
+    _check(sync == "auto" or isinstance(sync, bool), "sync_batchnorm", "auto, true or false", sync)
     steps = train["checkpointing_steps"]
     if isinstance(steps, str) and steps.isdigit():
         steps = train["checkpointing_steps"] = int(steps)
@@ -401,6 +409,61 @@ def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=train_cfg["learning_rate"], betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]))
 
 
+# ------------------------------------------------------------ many processes
+
+
+class AllReduceBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are the whole batch's across processes.
+
+    torch.nn.SyncBatchNorm does this on GPUs only (it refuses CPU tensors), so this class
+    is written here for process groups on the CPU (gloo); on CUDA, SyncBatchNorm is used.
+    Each process's per-channel sums are summed with torch.distributed.nn's differentiable
+    all_reduce, so the backward pass is the whole batch's too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        C, xf = x.shape[1], x.float()
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), xf.new_tensor([x.numel() / C])])
+        total = all_reduce(local)  # (2C + 1,): sums over every process's images
+        count = total[-1]
+        mean = total[:C] / count
+        var = total[C : 2 * C] / count - mean * mean  # biased: what the batch is normalised with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * count / (count - 1), momentum)  # unbiased, as BatchNorm keeps
+        shape = (1, C, 1, 1)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def synchronise_batchnorm(model: torch.nn.Module, device_type: str) -> torch.nn.Module:
+    """Every BatchNorm2d made to normalise with the statistics of all processes' images:
+    torch.nn.SyncBatchNorm on CUDA, AllReduceBatchNorm2d elsewhere. Parameters and buffers
+    are kept (the same tensors), so the state dict and the saved model are unchanged."""
+    if device_type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.BatchNorm2d:
+                synced = AllReduceBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+                synced.weight, synced.bias = child.weight, child.bias
+                synced.running_mean, synced.running_var = child.running_mean, child.running_var
+                synced.num_batches_tracked = child.num_batches_tracked
+                synced.train(child.training)
+                setattr(parent, name, synced)
+    return model
+
+
 # ------------------------------------------------------------------- schedule
 
 
@@ -502,94 +565,6 @@ def evaluate(model, dataloader, accelerator, flip_tta=False, tta_shift=0) -> dic
             loss_sum += losses.sum().item()
     model.train()
     return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
-
-
-def write_model_card(output_dir, settings, results, command, label_names):
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    data, train = settings["data"], settings["training"]
-    name = train["hub_model_id"] or Path(output_dir).name
-    eval_results = [
-        EvalResult(
-            task_type="image-classification",
-            dataset_type=data["dataset_name"],
-            dataset_name=data["dataset_name"],
-            dataset_split=split,
-            metric_type="accuracy",
-            metric_value=round(results[key], 4),
-        )
-        for split, key in (("validation", "eval_accuracy"), ("test", "test_accuracy"))
-        if results.get(key) is not None
-    ]
-    base = train["model_name_or_path"]
-    start = f", starting from the weights of `{base}`" if base else ""
-    if train["teacher_model"]:
-        start += (
-            f", distilled from `{train['teacher_model']}` (weight {train['distillation_alpha']:g} on its "
-            f"predictions{', averaged with its mirror image' if train['teacher_flip_tta'] else ''}"
-            f"{f' and {shift}-pixel shifts of both' if (shift := train['teacher_tta_shift']) else ''}, "
-            f"temperature {train['distillation_temperature']:g})"
-        )
-    card_data = ModelCardData(
-        model_name=name,
-        base_model=base if base and not Path(base).exists() else None,  # metadata names Hub models only
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        license="apache-2.0",
-        tags=["image-classification", "vision", "hybrid-vit", "cifar10"],
-        datasets=[data["dataset_name"]] if "/" in data["dataset_name"] and not Path(data["dataset_name"]).exists() else None,
-        metrics=["accuracy"],
-        eval_results=eval_results,
-    )
-    test_line = (
-        f"| test accuracy | {results['test_accuracy']:.4f} |\n" if results.get("test_accuracy") is not None else ""
-    )
-    shift_line = (
-        f"| validation accuracy with flip and {results['tta_shift']}-pixel shift test-time augmentation "
-        f"| {results['eval_accuracy_flip_shift_tta']:.4f} |\n"
-        if results.get("eval_accuracy_flip_shift_tta") is not None else ""
-    )
-    body = f"""
-# {name}
-
-A hybrid Vision Transformer (convolutional stem + transformer encoder) trained on
-`{data['dataset_name']}` with the hybrid-vit-cifar10 project's `run_train.py`{start}.
-
-| metric | value |
-| --- | --- |
-| validation accuracy (best epoch, {results['eval_samples']} held-out training images) | {results['eval_accuracy']:.4f} |
-| validation accuracy with flip test-time augmentation | {results['eval_accuracy_flip_tta']:.4f} |
-{shift_line}{test_line}| epochs | {results['epochs']:.2f} |
-| optimisation steps | {results['steps']} |
-| training time | {results['train_seconds'] / 60:.1f} min |
-| training throughput | {results['train_samples_per_second']:.0f} images/s |
-| parameters | {results['num_parameters']:,} |
-
-Validation images are a stratified, seeded {data['train_val_split']:.0%} of the training split
-when the dataset has no validation split; nothing was tuned on the test split.
-
-- Hardware: {results['hardware']}
-- Command: `{command}`
-- Classes: {", ".join(label_names)}
-
-## Use
-
-```python
-from transformers import pipeline
-classify = pipeline("image-classification", model="{name}", trust_remote_code=True)
-classify("image.png")
-```
-
-`output_attentions=True` returns one attention map per layer, `(batch, heads, tokens + 1, tokens + 1)`.
-
-## Training settings
-
-```yaml
-{yaml.safe_dump(settings, sort_keys=False).strip()}
-```
-"""
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
-    card.save(Path(output_dir) / "README.md")
 
 
 # Settings of the model section that change how a model trains or runs, not its weights:
@@ -701,9 +676,12 @@ def load_initial_model(name_or_path, settings, label_names, log):
     # settings mean this run's validation images may have been training images there.
     saved = Path(name_or_path) / "train_config.yaml"
     if saved.is_file():
-        before = yaml.safe_load(saved.read_text())
+        from run_folder import public_settings
+
+        # Saved settings hold public names (the dataset's Hub id, not a local path): compare those.
+        before, now = yaml.safe_load(saved.read_text()), public_settings(settings)
         keys = [("data", "dataset_name"), ("data", "train_val_split"), ("data", "max_train_samples"), ("training", "seed")]
-        changed = [key for section, key in keys if before.get(section, {}).get(key) != settings[section][key]]
+        changed = [key for section, key in keys if before.get(section, {}).get(key) != now[section][key]]
         if changed:
             log(
                 f"warning: {name_or_path} was trained with other {', '.join(changed)}; its training images may "
@@ -716,9 +694,11 @@ def resolve_mixed_precision(requested: str) -> tuple[str, str]:
     """choose_mixed_precision for the device this process will train on, decided by the
     main process, so that every process of a run agrees."""
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
-    state = PartialState()  # the process's device, before the Accelerator exists
+    # The process's device, before the Accelerator exists. The state is shared: it must be
+    # made as the Accelerator would make it (which also reads ACCELERATE_USE_CPU).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     choice = [None, None]
     if state.is_main_process:
         choice = list(choose_mixed_precision(requested, state.device))
@@ -734,6 +714,7 @@ def train(settings: dict, command: str) -> dict:
     from tqdm.auto import tqdm
 
     import cifar10_data
+    import run_folder
     from configuration_hybrid_vit import HybridViTConfig
     from modeling_hybrid_vit import HybridViTForImageClassification, classification_loss
 
@@ -804,6 +785,11 @@ def train(settings: dict, command: str) -> dict:
         check_output_dir_writable(output_dir)
     accelerator.wait_for_everyone()
 
+    sync = train_cfg["sync_batchnorm"]
+    sync = accelerator.num_processes > 1 if sync == "auto" else sync
+    if sync:
+        model = synchronise_batchnorm(model, accelerator.device.type)
+        log(f"BatchNorm statistics synchronised over the {accelerator.num_processes} processes' batches")
     num_parameters = model.num_parameters()
     memory_format = torch.channels_last if train_cfg["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -1087,6 +1073,7 @@ def train(settings: dict, command: str) -> dict:
         "schedule_fitted_to_time": schedule["fitted"],
         "max_train_steps": max_train_steps,
         "schedule": schedule,
+        "sync_batchnorm": sync,
         "mixed_precision": precision,
         "mixed_precision_reason": precision_reason,
         "num_skipped_images": skipped,
@@ -1100,9 +1087,9 @@ def train(settings: dict, command: str) -> dict:
     if accelerator.is_main_process:
         out = Path(output_dir)
         (out / "all_results.json").write_text(json.dumps(results, indent=2))
-        (out / "train_config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        (out / "train_config.yaml").write_text(yaml.safe_dump(run_folder.public_settings(settings), sort_keys=False))
         (out / "training_log.json").write_text(json.dumps(history, indent=2))
-        write_model_card(output_dir, settings, results, command, label_names)
+        run_folder.write_model_card(output_dir, settings, results, command, label_names)
         log(
             f"validation accuracy {results['eval_accuracy']:.4f} ({results['eval_accuracy_flip_tta']:.4f} with flip TTA"
             + (f", {results['eval_accuracy_flip_shift_tta']:.4f} with flip and shift" if shift else "")
@@ -1111,15 +1098,8 @@ def train(settings: dict, command: str) -> dict:
             + f"; {results['train_seconds'] / 60:.1f} min, {results['train_samples_per_second']:.0f} images/s; saved to {output_dir}"
         )
         if train_cfg["push_to_hub"]:
-            push_to_hub(output_dir, train_cfg["hub_model_id"])
+            run_folder.push_to_hub(output_dir, train_cfg["hub_model_id"])
     return results
-
-
-def push_to_hub(output_dir, repo_id):
-    from huggingface_hub import create_repo, upload_folder
-
-    create_repo(repo_id, exist_ok=True)
-    upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoints/*", f"*{INCOMPLETE_SUFFIX}*"])
 
 
 def one_line(error: Exception) -> str:

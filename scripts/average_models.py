@@ -202,9 +202,18 @@ def main(argv=None) -> int:
 
     out = Path(args.output_dir)
     save_model_and_processor(average, out)
-    if (Path(args.models[0]) / "train_config.yaml").is_file():
+    if (Path(args.models[0]) / "train_config.yaml").is_file():  # run_train.py wrote it with public names
         shutil.copy(Path(args.models[0]) / "train_config.yaml", out / "train_config.yaml")
-    record = {"models": args.models, "weights": weights, "dataset_name": args.dataset_name,
+    # Saved records name no local paths: each model by its folder's name (with its parent's
+    # where two would read the same), the data by its Hub id.
+    from run_folder import public_dataset_name, public_name
+
+    names = [public_name(m) for m in args.models]
+    if len(set(names)) < len(names):
+        names = ["/".join(Path(m).resolve().parts[-2:]) for m in args.models]
+    rename = dict(zip(args.models, names))
+    scores = {rename.get(key, key): value for key, value in scores.items()}
+    record = {"models": names, "weights": weights, "dataset_name": public_dataset_name({"dataset_name": args.dataset_name}),
               "validation_split": dict(zip(("train_val_split", "seed"), split_settings(args.models[0]))),
               "validation_images": len(validation), "bn_images": bn_images, "bn_seed": args.seed,
               "bn_augmentation": augmentation if bn_images else None, "validation": scores}

@@ -102,7 +102,9 @@ def test_the_command_line_saves_a_loadable_average_with_fresh_batchnorm_statisti
     assert loaded.config.id2label == {i: n for i, n in enumerate(NAMES)}
     record = json.loads((out / "averaging.json").read_text())
     assert record["weights"] == [3.0, 1.0] and record["bn_images"] == 24
-    assert set(record["validation"]) == {str(paths["a"]), str(paths["b"]), "average"}
+    # named by folder name, as saved records name no local path
+    assert record["models"] == [paths["a"].name, paths["b"].name] and str(tmp_path) not in json.dumps(record)
+    assert set(record["validation"]) == {paths["a"].name, paths["b"].name, "average"}
     assert 0.0 <= record["validation"]["average"]["accuracy"] <= 1.0
     assert (out / "train_config.yaml").read_text() == (paths["a"] / "train_config.yaml").read_text()
 

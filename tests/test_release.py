@@ -85,3 +85,21 @@ def test_release_scores_on_its_validation_split_what_its_card_says():
     accuracy = (probabilities.argmax(-1) == labels).float().mean().item()
     stated = json.loads((RELEASE / "all_results.json").read_text())["eval_accuracy"]
     assert abs(accuracy - stated) < 0.03, (accuracy, stated)
+
+
+def test_release_metadata_names_the_hub_dataset_and_its_files_hold_no_local_path():
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(RELEASE / "README.md")
+    results = json.loads((RELEASE / "all_results.json").read_text())
+    assert card.data.datasets == ["uoft-cs/cifar10"]
+    assert card.data.pipeline_tag == "image-classification" and card.data.metrics == ["accuracy"]
+    (validation,) = [r for r in card.data.eval_results if r.dataset_split == "validation"]
+    assert validation.dataset_type == validation.dataset_name == "uoft-cs/cifar10"
+    assert validation.metric_value == pytest.approx(results["eval_accuracy"], abs=1e-4)
+    for name in ("README.md", "train_config.yaml", "averaging.json"):
+        path = RELEASE / name
+        if path.is_file():
+            text = path.read_text()
+            assert not re.search(r"\.\./|\.device|/tmp/|outputs/|shared/data", text), name
+    assert yaml.safe_load((RELEASE / "train_config.yaml").read_text())["data"]["dataset_name"] == "uoft-cs/cifar10"

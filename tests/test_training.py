@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import cifar10_data
+import run_folder
 import run_train
 from configuration_hybrid_vit import HybridViTConfig
 from modeling_hybrid_vit import HybridViTForImageClassification, save_model_and_processor
@@ -262,6 +263,7 @@ def test_two_processes_count_every_validation_image_once(tmp_path, env):
     assert results["eval_samples"] == 13
     assert round(results["eval_accuracy"] * 13, 6) == int(round(results["eval_accuracy"] * 13))
     assert "2 process(es)" in results["hardware"]
+    assert results["sync_batchnorm"] is True  # auto: BatchNorm sees the whole batch when more than one process trains
 
 
 def test_mixup_and_cutmix_give_soft_labels_that_sum_to_one():
@@ -319,7 +321,10 @@ def test_settings_override_and_layer(tmp_path):
         (["--no_such_setting", "3"], "unknown setting --no_such_setting"),
         (["--learning_rate", "fast"], "--learning_rate expects a number, got 'fast'"),
         (["--learning_rate", "-1"], "--learning_rate must be > 0"),
-        (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
+        (["--mixed_precision", "fp8"], "--mixed_precision must be auto, no, fp16 or bf16"),
+        (["--num_train_epochs", "auto"], "--num_train_epochs must be a number unless --max_train_minutes is set"),
+        (["--num_train_epochs", "auto", "--max_train_minutes", "1"], "--max_train_steps must be null with --num_train_epochs auto"),
+        (["--num_train_epochs", "soon"], "--num_train_epochs expects a number, got 'soon'"),
         (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1) or null, got 1.5"),
         (["--tta_shift", "16"], "--tta_shift must be an integer in [0, 16), got 16"),  # the tiny model's images are 16x16
         (["--optimizer", "lion"], "--optimizer must be adamw or sgd, got 'lion'"),
@@ -368,7 +373,7 @@ def test_fine_tuning_starts_from_a_saved_model_and_swaps_the_head_for_new_classe
     config = json.loads((tuned / "config.json").read_text())
     assert config["hidden_size"] == 16 and config["backbone_whitening_size"] == 2  # start's architecture
     assert config["drop_path_rate"] == 0.2  # a training setting, so this run's
-    assert f"starting from the weights of `{start}`" in (tuned / "README.md").read_text()
+    assert f"starting from the weights of `{start.name}`" in (tuned / "README.md").read_text()  # its name, not its path
     before, after = weights(start), weights(tuned)
     assert before.keys() == after.keys()
     for key in before:
@@ -450,11 +455,11 @@ def test_distillation_from_a_saved_teacher(dataset_dir, tmp_path, env):
     distilled = [weights(runs[name])["classifier.weight"] for name in ("plain", "alpha1", "shift")]
     assert not torch.equal(distilled[1], distilled[0]) and not torch.equal(distilled[2], distilled[1])
     card = (runs["alpha1"] / "README.md").read_text()
-    assert f"distilled from `{teacher}` (weight 1 on its predictions, temperature 2)" in card
+    assert f"distilled from `{teacher.name}` (weight 1 on its predictions, temperature 2)" in card
     assert "averaged with its mirror image and 2-pixel shifts of both, temperature 1" in (runs["shift"] / "README.md").read_text()
     assert "distilled from" not in (runs["plain"] / "README.md").read_text()
-    saved = run_train.yaml.safe_load((runs["alpha1"] / "train_config.yaml").read_text())["training"]
-    assert saved["teacher_model"] == str(teacher) and saved["distillation_alpha"] == 1.0
+    saved = yaml.safe_load((runs["alpha1"] / "train_config.yaml").read_text())["training"]
+    assert saved["teacher_model"] == teacher.name and saved["distillation_alpha"] == 1.0  # a name, not a local path
 
 
 @pytest.mark.parametrize(
@@ -491,11 +496,13 @@ def test_a_minute_on_2000_real_images_is_well_above_chance(tmp_path, env):
     out = tmp_path / "run"
     args = ["--config", str(PROJECT_ROOT / "configs/cpu.yaml"), "--dataset_name", str(SHARED_CIFAR10),
             "--output_dir", str(out), "--max_train_samples=2000", "--max_eval_samples=1000",
-            "--max_train_minutes=1", "--num_train_epochs=30", "--report_to=none", "--checkpointing_steps=null"]
+            "--max_train_minutes=1", "--report_to=none", "--checkpointing_steps=null"]
     result = train(args, {**env, "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_samples"] == 1000
+    # the recipe as shipped: a precision this CPU runs natively, a schedule fitted to the minute
+    assert results["schedule_fitted_to_time"] and results["steps"] == results["max_train_steps"], results
     assert results["eval_accuracy"] > 0.30, results
 
 
@@ -562,7 +569,7 @@ def test_push_to_hub_uploads_the_folder_with_its_card_and_without_checkpoints(tm
     calls = {}
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, exist_ok: calls.setdefault("create", (repo_id, exist_ok)))
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.setdefault("upload", kwargs))
-    run_train.push_to_hub(str(tmp_path), "org/hybrid-vit")
+    run_folder.push_to_hub(str(tmp_path), "org/hybrid-vit")
     assert calls["create"] == ("org/hybrid-vit", True)
     assert calls["upload"]["repo_id"] == "org/hybrid-vit" and calls["upload"]["folder_path"] == str(tmp_path)
     assert "checkpoints/*" in calls["upload"]["ignore_patterns"]
