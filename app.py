@@ -19,7 +19,8 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from visualize import InputError, display_image, load_model, overlay, predict, rollout_map
+from run_folder import UserError, load_model
+from visualize import display_image, overlay, predict, relevance_map, rollout_map
 
 MODEL_VARIABLE = "HYBRID_VIT_MODEL"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
@@ -38,7 +39,13 @@ classifier reads gathers its information from: bright where the model looks most
 """
 
 
-def make_classifier(model, processor):
+# What the overlay draws. The default is the map that measured most faithful on the release
+# checkpoint (docs/faithfulness.md: deletion and insertion curves, run_eval.py).
+METHODS = {"relevance": "Gradient-weighted attention relevance for the predicted class", "rollout": "Attention rollout"}
+DEFAULT_METHOD = "relevance"
+
+
+def make_classifier(model, processor, method: str = DEFAULT_METHOD):
     """Return `classify(image) -> ({label: probability} for the top 5, overlay)` for a loaded
     model; the overlay is an (OVERLAY_SIZE, OVERLAY_SIZE, 3) uint8 array. Any PIL mode works
     (grayscale, RGBA, palette): the image is converted to RGB. `None`, a cleared input,
@@ -52,14 +59,18 @@ def make_classifier(model, processor):
         probabilities = outputs.logits[0].float().softmax(dim=-1)
         top = probabilities.topk(min(TOP_K, probabilities.numel()))
         labels = {model.config.id2label[int(i)]: float(p) for p, i in zip(top.values, top.indices)}
-        heatmap = rollout_map(outputs.attentions)[0]  # (g, g)
+        if method == "relevance":
+            pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"].to(model.device)
+            heatmap = relevance_map(model, pixel_values)[0][0]  # (g, g)
+        else:
+            heatmap = rollout_map(outputs.attentions)[0]  # (g, g)
         blended = overlay(display_image(image, OVERLAY_SIZE), heatmap)  # (H, W, 3) floats in [0, 1]
         return labels, (blended * 255).round().astype(np.uint8)
 
     return classify
 
 
-def build_demo(classify, model_name: str, config) -> gr.Blocks:
+def build_demo(classify, model_name: str, config, method: str = DEFAULT_METHOD) -> gr.Blocks:
     examples = sorted(str(path) for path in EXAMPLES_DIR.glob("*.png"))
     classes = [config.id2label[i] for i in sorted(config.id2label)]
     description = DESCRIPTION.format(size=config.image_size, num_classes=len(classes), classes=", ".join(classes))
@@ -73,7 +84,7 @@ def build_demo(classify, model_name: str, config) -> gr.Blocks:
             with gr.Column():
                 label = gr.Label(num_top_classes=TOP_K, label="Top-5 classes", elem_id="prediction")
                 heatmap = gr.Image(
-                    label="Attention rollout (the image squashed to a square, as the model sees it)",
+                    label=f"{METHODS[method]} (the image squashed to a square, as the model sees it)",
                     interactive=False,
                     height=320,
                     elem_id="rollout",
@@ -91,6 +102,8 @@ def parse_args(argv=None):
         default=os.environ.get(MODEL_VARIABLE),
         help=f"a saved model folder or a Hub id (default: ${MODEL_VARIABLE})",
     )
+    parser.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
+                        help="the map drawn over the image (default: the one measured most faithful on the release)")
     args = parser.parse_args(argv)
     if not args.model:
         parser.error(f"--model is required when {MODEL_VARIABLE} is not set")
@@ -101,10 +114,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         model, processor = load_model(args.model)
-    except InputError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    demo = build_demo(make_classifier(model, processor), args.model, model.config)
+    demo = build_demo(make_classifier(model, processor, args.method), args.model, model.config, args.method)
     # Examples are served from the checkout even when app.py is started from elsewhere.
     demo.launch(allowed_paths=[str(EXAMPLES_DIR)])
     return 0

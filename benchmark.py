@@ -188,14 +188,9 @@ def pipeline_batches(settings, batch_size, dataset_name, max_samples, device, nu
     data = settings["data"]
     splits, image_column, label_column = cifar10_data.load_splits(dataset_name, 0.1, 0, max_train_samples=max_samples)
     datasets, _, _ = cifar10_data.build_datasets(
-        {"train": splits["train"]}, image_column, label_column,
-        image_size=settings["model"]["image_size"], seed=0, decode_once=data["decode_once"], device=device,
-        auto_augment=data["auto_augment"], random_crop_padding=data["random_crop_padding"],
-        horizontal_flip=data["horizontal_flip"], cutout_size=data["cutout_size"],
+        {"train": splits["train"]}, image_column, label_column, data, image_size=settings["model"]["image_size"], seed=0, device=device
     )
-    collator = cifar10_data.MixCollator(
-        num_labels, data["mixup_alpha"], data["cutmix_alpha"], data["mix_prob"], data["mix_switch_prob"], seed=0
-    )
+    collator = cifar10_data.mix_collator(data, num_labels, seed=0)
     loader = DataLoader(
         datasets["train"], batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collator,
         num_workers=0 if data["decode_once"] else data["dataloader_num_workers"],
@@ -286,7 +281,7 @@ def main(argv=None):
 
     from tqdm.auto import tqdm
 
-    from run_train import choose_mixed_precision, make_optimizer
+    from run_train import choose_mixed_precision
 
     device = torch.device(args.device)
     if args.mixed_precision == "auto":
@@ -313,47 +308,53 @@ def main(argv=None):
     dataset_name = args.dataset_name or synthetic_dataset_folder(Path(args.output_json).resolve().parent, 32)
     jobs = [(path, name) for path in args.configs for name in args.models]
     for path, name in tqdm(jobs, desc="benchmark"):
-        settings = load_run_settings(path)
-        model = build_models(settings["model"])[name].to(device).to(memory_format=memory_format)
-        image_size = settings["model"]["image_size"]
-        train_flops = flops_per_image(model, image_size, device, train=True)
-        # The step's optimiser is the run's (its learning rate does not change the speed).
-        optimizer = make_optimizer(model, settings["training"])
-        with_data = training_throughput(
-            model, pipeline_batches(settings, args.batch_size, dataset_name, args.max_samples, device, model.config.num_labels),
-            optimizer, device, autocast_dtype, memory_format, args.warmup, args.repeats,
-        )
-        model_only = training_throughput(
-            model, fixed_batches(args.batch_size, image_size, device), optimizer, device, autocast_dtype, memory_format,
-            args.warmup, args.repeats,
-        )
-        throughput, latency = inference(
-            model, image_size, device, autocast_dtype, memory_format, args.inference_batch_size, args.warmup, args.repeats
-        )
-        train_gflops = train_flops * model_only / 1e9
-        report["results"].append(
-            {
-                "config": path,
-                "model": name,
-                "attention": model.config._attn_implementation,
-                "optimizer": type(optimizer).__name__,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "tokens": (image_size // settings["model"]["patch_size"]) ** 2,
-                "forward_gflops_per_image": flops_per_image(model, image_size, device, train=False) / 1e9,
-                "train_gflops_per_image": train_flops / 1e9,
-                "train_images_per_second_with_data": with_data,
-                "train_images_per_second": model_only,
-                "train_gflops_per_second": train_gflops,
-                "fraction_of_matmul": train_gflops / report["matmul_gflops_float32"],
-                "inference_images_per_second": throughput,
-                "latency_ms_batch_1": latency,
-            }
-        )
+        row = measure(path, name, args, dataset_name, device, autocast_dtype, memory_format)
+        row["fraction_of_matmul"] = row["train_gflops_per_second"] / report["matmul_gflops_float32"]
+        report["results"].append(row)
     Path(args.output_json).write_text(json.dumps(report, indent=2))
     table = markdown_table(report)
     Path(args.output_md).write_text(table)
     print(table)
     return report
+
+
+def measure(path, name, args, dataset_name, device, autocast_dtype, memory_format) -> dict:
+    """One config's model: training images/s with its input pipeline and without, inference
+    images/s and latency, FLOPs per image."""
+    from run_train import make_optimizer
+
+    settings = load_run_settings(path)
+    model = build_models(settings["model"])[name].to(device).to(memory_format=memory_format)
+    image_size = settings["model"]["image_size"]
+    train_flops = flops_per_image(model, image_size, device, train=True)
+    # The step's optimiser is the run's (its learning rate does not change the speed).
+    optimizer = make_optimizer(model, settings["training"])
+    with_data = training_throughput(
+        model, pipeline_batches(settings, args.batch_size, dataset_name, args.max_samples, device, model.config.num_labels),
+        optimizer, device, autocast_dtype, memory_format, args.warmup, args.repeats,
+    )
+    model_only = training_throughput(
+        model, fixed_batches(args.batch_size, image_size, device), optimizer, device, autocast_dtype, memory_format,
+        args.warmup, args.repeats,
+    )
+    throughput, latency = inference(
+        model, image_size, device, autocast_dtype, memory_format, args.inference_batch_size, args.warmup, args.repeats
+    )
+    return {
+        "config": path,
+        "model": name,
+        "attention": model.config._attn_implementation,
+        "optimizer": type(optimizer).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens": (image_size // model.config.patch_size) ** 2,
+        "forward_gflops_per_image": flops_per_image(model, image_size, device, train=False) / 1e9,
+        "train_gflops_per_image": train_flops / 1e9,
+        "train_images_per_second_with_data": with_data,
+        "train_images_per_second": model_only,
+        "train_gflops_per_second": train_flops * model_only / 1e9,
+        "inference_images_per_second": throughput,
+        "latency_ms_batch_1": latency,
+    }
 
 
 if __name__ == "__main__":

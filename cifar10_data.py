@@ -14,36 +14,34 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from modeling_hybrid_vit import CIFAR10_MEAN, CIFAR10_STD
+from run_folder import UserError, is_local_path
 
 IMAGE_COLUMNS = ("img", "image")
 LABEL_COLUMNS = ("label", "labels")
 AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", "trivialaugment", "none")
 
 
-class DataError(ValueError):
-    """A problem with the dataset that the user must fix; its message is one line."""
-
-
 def find_columns(column_names):
-    """Return the (image, label) column names, or raise DataError naming the columns found."""
+    """Return the (image, label) column names, or raise UserError naming the columns found."""
     image = next((c for c in IMAGE_COLUMNS if c in column_names), None)
     label = next((c for c in LABEL_COLUMNS if c in column_names), None)
     if image is None or label is None:
         missing = "image column ('img' or 'image')" if image is None else "label column ('label' or 'labels')"
-        raise DataError(f"dataset has no {missing}; columns found: {sorted(column_names)}")
+        raise UserError(f"dataset has no {missing}; columns found: {sorted(column_names)}")
     return image, label
 
 
 def load_raw_dataset(dataset_name: str) -> DatasetDict:
     """A Hub id or a local folder (parquet files, or an imagefolder tree) as a DatasetDict."""
-    looks_local = dataset_name.startswith((".", "/", "~")) or os.path.exists(dataset_name)
-    if looks_local and not os.path.isdir(os.path.expanduser(dataset_name)):
-        raise DataError(f"dataset folder not found: {dataset_name}")
+    local = is_local_path(dataset_name)
+    if local and not os.path.isdir(os.path.expanduser(dataset_name)):
+        raise UserError(f"dataset folder not found: {dataset_name}")
     try:
-        return load_dataset(os.path.expanduser(dataset_name) if looks_local else dataset_name)
+        return load_dataset(os.path.expanduser(dataset_name) if local else dataset_name)
     except Exception as error:  # offline Hub, unknown id, unreadable files: one clear line
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"could not load dataset {dataset_name!r}: {first_line}") from error
+        hint = "" if local else "; the Hub is unreachable or has no such dataset: give a local copy with --dataset_name FOLDER"
+        raise UserError(f"could not load dataset {dataset_name!r}: {first_line}{hint}") from error
 
 
 def load_splits(
@@ -61,7 +59,7 @@ def load_splits(
     """
     raw = load_raw_dataset(dataset_name)
     if "train" not in raw:
-        raise DataError(f"dataset has no 'train' split; splits found: {sorted(raw)}")
+        raise UserError(f"dataset has no 'train' split; splits found: {sorted(raw)}")
     image_column, label_column = find_columns(raw["train"].column_names)
     if not isinstance(raw["train"].features[label_column], ClassLabel):
         raw = raw.class_encode_column(label_column)
@@ -70,7 +68,7 @@ def load_splits(
         splits["train"], splits["validation"] = raw["train"], raw["validation"]
     else:
         if not 0.0 < train_val_split < 1.0:
-            raise DataError(f"train_val_split must be in (0, 1) when the dataset has no validation split, got {train_val_split}")
+            raise UserError(f"train_val_split must be in (0, 1) when the dataset has no validation split, got {train_val_split}")
         carved = raw["train"].train_test_split(
             test_size=train_val_split, stratify_by_column=label_column, seed=seed
         )
@@ -136,8 +134,8 @@ def decode_image(value) -> Image.Image:
     return value.convert("RGB")
 
 
-def undecodable(index: int, error: Exception) -> DataError:
-    return DataError(
+def undecodable(index: int, error: Exception) -> UserError:
+    return UserError(
         f"cannot decode the image at dataset index {index} ({type(error).__name__}: {error}); "
         "fix or remove it, or set --skip_bad_images true to skip such images"
     )
@@ -227,7 +225,7 @@ class MixCollator:
         else:
             kept = [row for row in rows if row["pixel_values"] is not None]
             if not kept:
-                raise DataError(f"every image of a batch of {len(rows)} failed to decode; is the dataset readable?")
+                raise UserError(f"every image of a batch of {len(rows)} failed to decode; is the dataset readable?")
             batch = {
                 "pixel_values": torch.stack([row["pixel_values"] for row in kept]),
                 "labels": torch.tensor([row["labels"] for row in kept], dtype=torch.long),
@@ -264,7 +262,7 @@ def decode_all(dataset, image_column: str, label_column: str, image_size: int, s
             continue
         labels.append(row[label_column])
     if not images:
-        raise DataError("no image of the dataset could be decoded")
+        raise UserError("no image of the dataset could be decoded")
     return torch.stack(images).to(device), torch.tensor(labels, dtype=torch.long, device=device), skipped
 
 
@@ -317,6 +315,15 @@ def tta_views(pixel_values: torch.Tensor, shift: int = 0) -> list[tuple[torch.Te
         pairs += [padded[..., :H, :W], padded[..., 2 * shift:, 2 * shift:]]
     weights = [1.0] if not shift else [0.5, 0.25, 0.25]
     return [(view, weight / 2) for images, weight in zip(pairs, weights) for view in (images, images.flip(-1))]
+
+
+def tta_logits(model, pixel_values: torch.Tensor, flip: bool = True, shift: int = 0) -> torch.Tensor:
+    """A model's float32 logits for a batch, averaged over its test-time views (`tta_views`:
+    the mirror image, and with `shift` the shifted pairs) when `flip`; the one test-time
+    augmentation of the project, for evaluation, distillation targets and run_eval.py."""
+    if not flip:
+        return model(pixel_values=pixel_values).logits.float()
+    return sum(weight * model(pixel_values=view).logits.float() for view, weight in tta_views(pixel_values, shift))
 
 
 class DecodedImages(torch.utils.data.Dataset):
@@ -375,43 +382,48 @@ def normalized_images(dataset, image_column: str, label_column: str, image_size:
     return DecodedImages(images, labels).__getitems__(list(range(len(labels))))["pixel_values"]
 
 
-def build_datasets(
-    splits,
-    image_column,
-    label_column,
-    image_size=32,
-    seed=0,
-    decode_once=False,
-    device="cpu",
-    auto_augment="autoaugment",
-    random_crop_padding=4,
-    horizontal_flip=True,
-    skip_bad_images=False,
-    cutout_size=0,
-):
-    """Training and evaluation datasets that yield `pixel_values` and `labels`.
+def build_datasets(splits, image_column, label_column, data: dict, image_size: int = 32, seed: int = 0, device="cpu"):
+    """Training and evaluation datasets that yield `pixel_values` and `labels`, augmented as
+    the data settings say (`data`: the data section of default.yaml, or any dict with its
+    augmentation keys; `CROP_FLIP` fills in what it lacks). The one builder of the training
+    augmentation, for run_train.py, benchmark.py and scripts/average_models.py.
 
-    `decode_once=False`: lazy `datasets` transforms (`with_transform`), decoding and
-    augmenting image by image, in DataLoader workers if asked. `decode_once=True`: every
-    split decoded once into uint8 tensors on `device` (see DecodedImages).
+    `decode_once` false: lazy `datasets` transforms (`with_transform`), decoding and
+    augmenting image by image, in DataLoader workers if asked. True: every split decoded
+    once into uint8 tensors on `device` (see DecodedImages).
 
     Returns the datasets by split name, the training augmentation (whose `epoch` the
     training loop sets, to seed it), and the number of images skipped at decoding."""
+    data = {**CROP_FLIP, **data}
+    augment = image_augmentation(data)
     datasets, skipped = {}, 0
-    if decode_once:
+    if data["decode_once"]:
         for name, split in splits.items():
-            images, labels, bad = decode_all(split, image_column, label_column, image_size, skip_bad_images, device)
+            images, labels, bad = decode_all(split, image_column, label_column, image_size, data["skip_bad_images"], device)
             skipped += bad if name == "train" else 0
-            datasets[name] = DecodedImages(
-                images, labels, train=name == "train", random_crop_padding=random_crop_padding,
-                horizontal_flip=horizontal_flip, auto_augment=auto_augment, seed=seed, cutout_size=cutout_size,
-            )
+            datasets[name] = DecodedImages(images, labels, train=name == "train", seed=seed, **augment)
         return datasets, datasets["train"], skipped
-    train = ImageTransform(
-        train_transform(image_size, auto_augment, random_crop_padding, horizontal_flip, cutout_size),
-        image_column, label_column, skip_bad_images, seed=seed,
-    )
-    evaluation = ImageTransform(eval_transform(image_size), image_column, label_column, skip_bad_images)
+    train = ImageTransform(train_transform(image_size, **augment), image_column, label_column, data["skip_bad_images"], seed=seed)
+    evaluation = ImageTransform(eval_transform(image_size), image_column, label_column, data["skip_bad_images"])
     for name, split in splits.items():
         datasets[name] = with_image_transform(split, train if name == "train" else evaluation)
     return datasets, train, skipped
+
+
+def image_augmentation(data: dict) -> dict:
+    """The per-image augmentation keys of a data section (CROP_FLIP for those it lacks), as
+    DecodedImages and train_transform take them."""
+    return {key: data.get(key, CROP_FLIP[key]) for key in ("random_crop_padding", "horizontal_flip", "auto_augment", "cutout_size")}
+
+
+def mix_collator(data: dict, num_labels: int, seed=None) -> "MixCollator":
+    """The training batches' MixUp / CutMix as the data settings say (none in CROP_FLIP)."""
+    data = {**CROP_FLIP, **data}
+    return MixCollator(num_labels, data["mixup_alpha"], data["cutmix_alpha"], data["mix_prob"], data["mix_switch_prob"], seed=seed)
+
+
+# Random crop and flip alone: the augmentation of a data section that names no other.
+CROP_FLIP = {
+    "random_crop_padding": 4, "horizontal_flip": True, "cutout_size": 0, "auto_augment": "none", "mixup_alpha": 0.0,
+    "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5, "decode_once": True, "skip_bad_images": False,
+}

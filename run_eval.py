@@ -1,5 +1,8 @@
 """Evaluate a saved hybrid ViT on a dataset split: accuracy, per-class accuracy, the
-confusion matrix and the most confident mistakes, as eval_results.json and two PNGs.
+confusion matrix, the most confident mistakes, calibration (expected calibration error,
+and with --fit_temperature a temperature fitted on the validation split and saved with the
+model) and how faithful its attention maps are (deletion and insertion curves against
+random and average-map baselines: faithfulness.py), as eval_results.json and four PNGs.
 
     python run_eval.py --model outputs/hybrid-vit-cifar10 --dataset_name ../shared/data/cifar10 \
         --output_dir outputs/eval --tta
@@ -20,18 +23,20 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from visualize import InputError, dataset_images, display_image, load_model, load_split
+from run_folder import UserError, dataset_images, load_model, load_split
+from visualize import display_image
 
 
 def evaluate_model(model, processor, dataset, image_column: str, label_column: str, batch_size: int = 128,
-                   tta: bool = False, progress: bool = True, tta_shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels (N,) and class probabilities (N, C) for every image of `dataset`, preprocessed
-    in batches by the model's own processor. With `tta`, the softmax of each image and of
-    its horizontal flip are averaged; with `tta_shift` too, so are those of both shifted by
-    that many pixels (weighted as `cifar10_data.tta_views` says)."""
+                   tta: bool = False, progress: bool = True, tta_shift: int = 0, logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (N,) and class probabilities (N, C) for every image of `dataset` (or, with
+    `logits`, the logits, divided by the model's temperature), preprocessed in batches by the
+    model's own processor. With `tta`, the softmax of the logits averaged over each image's
+    test-time views (`cifar10_data.tta_logits`: its mirror image, and with `tta_shift` both
+    shifted by that many pixels), as training evaluates."""
     from tqdm.auto import tqdm
 
-    from cifar10_data import decode_image, tta_views
+    from cifar10_data import decode_image, tta_logits
 
     labels, batches = [], []
     total = math.ceil(len(dataset) / batch_size)
@@ -39,14 +44,105 @@ def evaluate_model(model, processor, dataset, image_column: str, label_column: s
         for rows in tqdm(dataset.iter(batch_size=batch_size), total=total, desc="eval", disable=not progress):
             images = [decode_image(value) for value in rows[image_column]]
             pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(model.device)
-            if tta:
-                probabilities = sum(weight * model(pixel_values=view).logits.float().softmax(dim=-1)
-                                    for view, weight in tta_views(pixel_values, tta_shift))
-            else:
-                probabilities = model(pixel_values=pixel_values).logits.float().softmax(dim=-1)
-            batches.append(probabilities.cpu())
+            scores = tta_logits(model, pixel_values, tta, tta_shift)
+            batches.append((scores if logits else scores.softmax(dim=-1)).cpu())
             labels += rows[label_column]
     return torch.tensor(labels, dtype=torch.long), torch.cat(batches)
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): the image-weighted mean, over equal-width confidence bins, of
+    |accuracy - mean confidence| in the bin."""
+    confidence, predictions = probabilities.max(dim=-1)
+    correct = (predictions == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            error += inside.float().mean().item() * abs(correct[inside].mean().item() - confidence[inside].mean().item())
+    return error
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T > 0 that minimises the cross-entropy of softmax(logits / T)
+    (temperature scaling, Guo et al. 2017), by L-BFGS on log T."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    logits = logits.float()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return log_t.exp().item()
+
+
+def plot_reliability(curves: dict, labels: torch.Tensor, bins: int = 15):
+    """Reliability diagram: accuracy against confidence in equal-width bins, for each set of
+    probabilities in `curves` ({name: (N, C)}), with the diagonal of perfect calibration."""
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    edges = torch.linspace(0, 1, bins + 1)
+    for name, probabilities in curves.items():
+        confidence, predictions = probabilities.max(dim=-1)
+        correct = (predictions == labels).float()
+        points = [(confidence[m].mean().item(), correct[m].mean().item())
+                  for m in ((confidence > lo) & (confidence <= hi) for lo, hi in zip(edges[:-1], edges[1:])) if m.any()]
+        ax.plot(*zip(*points), marker="o", label=f"{name} (ECE {expected_calibration_error(probabilities, labels, bins):.1%})")
+    ax.set_xlabel("confidence (largest probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("Reliability")
+    fig.tight_layout()
+    return fig
+
+
+def calibrate(args, model, processor, dataset, image_column, label_column, split, out) -> dict:
+    """ECE of the model as saved; with --fit_temperature, fit a temperature on this split's
+    logits (the validation split only), save it in the model folder's config.json, and
+    report ECE before and after, with a reliability diagram."""
+    scaled = evaluate_model(model, processor, dataset, image_column, label_column, args.batch_size, logits=True, progress=False)
+    labels, logits = scaled[0], scaled[1] * model.config.logit_temperature  # undo the saved temperature
+    saved = model.config.logit_temperature
+    result = {"temperature": saved, "ece": expected_calibration_error((logits / saved).softmax(-1), labels)}
+    curves = {f"as saved (T = {saved:.3f})": (logits / saved).softmax(-1)}
+    if args.fit_temperature:
+        temperature = fit_temperature(logits, labels)
+        result.update(
+            temperature=temperature, ece_before=expected_calibration_error(logits.softmax(-1), labels),
+            ece=expected_calibration_error((logits / temperature).softmax(-1), labels), fitted_on=split,
+        )
+        curves = {"T = 1": logits.softmax(-1), f"fitted T = {temperature:.3f}": (logits / temperature).softmax(-1)}
+        model.config.logit_temperature = temperature
+        model.config.save_pretrained(args.model)
+        print(f"temperature {temperature:.4f} saved in {Path(args.model) / 'config.json'}: expected calibration error "
+              f"{result['ece_before']:.2%} -> {result['ece']:.2%}", file=sys.stderr)
+    plot_reliability(curves, labels).savefig(out / "reliability.png", dpi=110)
+    return result
+
+
+def faithfulness_of_maps(args, model, processor, dataset, image_column, label_column, out) -> dict:
+    """Deletion and insertion AUCs of the maps on a seeded sample of the split, the
+    randomised-transformer sanity check, and the curves' figure (faithfulness.py)."""
+    import faithfulness
+    from cifar10_data import decode_image
+    from run_folder import sample_indices
+
+    indices = sample_indices(len(dataset), args.faithfulness_images, seed=0)
+    rows = dataset.select(indices)
+    pixel_values = processor(images=[decode_image(v) for v in rows[image_column]], return_tensors="pt")["pixel_values"]
+    labels = torch.tensor(rows[label_column])
+    results = faithfulness.measure(model, pixel_values.to(model.device), labels.to(model.device), batch_size=args.batch_size)
+    results["sanity_check_rank_correlation"] = faithfulness.sanity_check(model, pixel_values[:256].to(model.device), args.batch_size)
+    faithfulness.plot_curves(results).savefig(out / "faithfulness.png", dpi=110)
+    return results
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -196,16 +292,22 @@ def tta_description(args) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a saved model folder or a Hub id")
+    parser.add_argument("--model", default="checkpoints/hybrid-vit-cifar10", help="a saved model folder or a Hub id (default: the release)")
     parser.add_argument("--dataset_name", default="uoft-cs/cifar10", help="a Hub id or a local folder")
     parser.add_argument("--split", default=None, help="default: test when the dataset has one, else validation")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--output_dir", default="outputs/eval")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--tta", action="store_true", help="average the softmax of each image and its horizontal flip")
+    parser.add_argument("--tta", action="store_true", help="average the logits of each image and its horizontal flip")
     parser.add_argument("--tta_shift", type=int, default=0,
                         help="with --tta, also average both views shifted by this many pixels (1 or 2; 0 = off)")
+    parser.add_argument("--faithfulness_images", type=int, default=1000,
+                        help="images of the split (a seeded sample) on which the maps' deletion and insertion curves are measured; 0 skips")
+    parser.add_argument("--fit_temperature", action="store_true",
+                        help="fit a temperature on the validation split and save it in the model folder's config.json")
     args = parser.parse_args(argv)
+    if args.faithfulness_images < 0:
+        parser.error("--faithfulness_images must be at least 0")
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
@@ -222,12 +324,16 @@ def main(argv=None) -> int:
     try:
         model, processor = load_model(args.model)
         if args.tta_shift >= model.config.image_size:
-            raise InputError(f"--tta_shift must be below the model's image size ({model.config.image_size}), got {args.tta_shift}")
+            raise UserError(f"--tta_shift must be below the model's image size ({model.config.image_size}), got {args.tta_shift}")
         dataset, image_column, label_column, split = load_split(args.model, args.dataset_name, args.split, args.max_eval_samples)
         label_names = dataset.features[label_column].names
         if len(label_names) != model.config.num_labels:
-            raise InputError(f"the dataset has {len(label_names)} classes but the model predicts {model.config.num_labels}")
-    except InputError as error:
+            raise UserError(f"the dataset has {len(label_names)} classes but the model predicts {model.config.num_labels}")
+        if args.fit_temperature and split != "validation":
+            raise UserError(f"--fit_temperature fits on the validation split, never on {split!r}: add --split validation")
+        if args.fit_temperature and not Path(args.model).is_dir():
+            raise UserError(f"--fit_temperature saves into a model folder; {args.model} is not one")
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -246,6 +352,9 @@ def main(argv=None) -> int:
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    results["calibration"] = calibrate(args, model, processor, dataset, image_column, label_column, split, out)
+    if args.faithfulness_images:
+        results["faithfulness"] = faithfulness_of_maps(args, model, processor, dataset, image_column, label_column, out)
     (out / "eval_results.json").write_text(json.dumps(results, indent=2))
     plot_confusion_matrix(results["confusion_matrix"], label_names).savefig(out / "confusion_matrix.png", dpi=120)
     mistakes = [entry["index"] for entry in results["most_confident_mistakes"]]
@@ -255,7 +364,14 @@ def main(argv=None) -> int:
     width = max(len(name) for name in label_names)
     for name, accuracy in results["per_class_accuracy"].items():
         print(f"  {name:<{width}}  {accuracy:.4f}")
-    print(f"wrote {out / 'eval_results.json'}, confusion_matrix.png and mistakes.png", file=sys.stderr)
+    print(f"expected calibration error {results['calibration']['ece']:.2%} (temperature {results['calibration']['temperature']:.3f})")
+    if "faithfulness" in results:
+        f = results["faithfulness"]
+        for name in ("rollout", "relevance", "cls", "random", "average_map"):
+            print(f"  {name:<12} deletion AUC {f[name]['deletion_auc']:.3f}  insertion AUC {f[name]['insertion_auc']:.3f}")
+        print(f"most faithful map: {f['most_faithful']}")
+    print(f"wrote {out / 'eval_results.json'}, confusion_matrix.png, mistakes.png, reliability.png"
+          + (" and faithfulness.png" if "faithfulness" in results else ""), file=sys.stderr)
     return 0
 
 

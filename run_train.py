@@ -2,14 +2,20 @@
 
     accelerate launch run_train.py --config default.yaml        # one GPU, many, or the CPU
     python run_train.py --config configs/cpu.yaml --dataset_name ../shared/data/cifar10
+    python run_train.py --help                                  # every setting, its meaning and default
 
 Settings come from default.yaml; `--config FILE` layers a file of overrides on top and
-any `--key value` overrides one setting. Unknown keys and bad values stop the run before
-anything is written. The output folder ends up a complete Hub model folder (the best
-model by validation accuracy) plus a model card, all_results.json, train_config.yaml,
-training_log.json and checkpoints/step_N folders for exact resumption.
+any `--key value` overrides one setting (training_settings.py). Unknown keys and bad
+values stop the run before anything is written. The output folder ends up a complete Hub
+model folder (the best model by validation accuracy) plus a model card, all_results.json,
+train_config.yaml, training_log.json and checkpoints/step_N folders for exact resumption.
+
+`train` reads top to bottom in stages, as transformers' no_trainer examples do: the
+accelerator, the data, the model, the optimiser, prepare, the schedule, resume, then
+`train_one_epoch` and `evaluate` each epoch, and `finish` (save, card, results).
 """
 
+import functools
 import itertools
 import json
 import math
@@ -19,216 +25,24 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().with_name("default.yaml")
-SECTIONS = ("model", "data", "training")
+from run_folder import UserError
+from training_settings import MIXED_PRECISION_CHOICES, load_settings  # noqa: F401 (load_settings: part of the API)
+
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
-# Numeric settings that also take the word `auto` (num_train_epochs: fitted to max_train_minutes).
-AUTO_SETTINGS = ("num_train_epochs",)
+INCOMPLETE_SUFFIX = ".incomplete"
+EMA_FILE = "ema.safetensors"
 # A schedule fitted to max_train_minutes ends at the budget; the run is stopped regardless
 # only if the machine then slows down this much (the last steps' learning rate is near 0).
 FITTED_TIME_LIMIT_FACTOR = 1.1
-INCOMPLETE_SUFFIX = ".incomplete"
-
-
-class SettingsError(ValueError):
-    """A bad command line or config file; the message is one line for the user."""
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. a non-finite loss); the message says what is intact."""
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def read_yaml(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SettingsError(f"config file not found: {path}")
-    try:
-        content = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise SettingsError(f"cannot parse {path}: {str(error).splitlines()[0]}") from error
-    if not isinstance(content, dict) or not all(isinstance(v, dict) for v in content.values()):
-        raise SettingsError(f"{path} must map sections ({', '.join(SECTIONS)}) to settings")
-    return content
-
-
-def coerce(key: str, value, default):
-    """Convert `value` (parsed YAML, or a command-line string) to the type of `default`;
-    `validate` then checks the range."""
-    if value is None:
-        return None
-    if key in AUTO_SETTINGS and isinstance(value, str) and value.lower() == "auto":
-        return "auto"
-    if default is None:  # free-typed setting (e.g. max_train_samples: null): read a number if it is one
-        for kind in (int, float):
-            try:
-                return kind(value) if isinstance(value, str) else value
-            except ValueError:
-                continue
-        return value
-    if isinstance(default, bool):
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        if isinstance(value, bool):
-            return value
-        raise SettingsError(f"--{key} expects true or false, got {value!r}")
-    if isinstance(default, (int, float)):
-        kind = float if key in AUTO_SETTINGS else type(default)
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
-                return kind(float(value)) if kind is float else int(value)
-            except ValueError:
-                pass
-        raise SettingsError(f"--{key} expects {'a number' if kind is float else 'an integer'}, got {value!r}")
-    if isinstance(default, list):
-        if isinstance(value, str):
-            value = [item for item in value.replace("[", "").replace("]", "").split(",") if item.strip()]
-        if isinstance(value, list):
-            return [coerce(key, item, default[0]) for item in value] if default else value
-        raise SettingsError(f"--{key} expects a list like 64,128, got {value!r}")
-    return value  # strings, and settings like checkpointing_steps that also take an integer
-
-
-def parse_command_line(argv) -> list[tuple[str, str]]:
-    """`--key value`, `--key=value` and bare `--flag` (true) as (key, text) pairs."""
-    pairs, index = [], 0
-    while index < len(argv):
-        token = argv[index]
-        if not token.startswith("--") or token == "--":
-            raise SettingsError(f"unexpected argument {token!r}; settings are given as --key value")
-        key, equals, text = token[2:].partition("=")
-        if not equals:
-            if index + 1 < len(argv) and not argv[index + 1].startswith("--"):
-                text, index = argv[index + 1], index + 1
-            else:
-                text = "true"
-        pairs.append((key.replace("-", "_"), text))
-        index += 1
-    return pairs
-
-
-def load_settings(argv=None, default_path=DEFAULT_CONFIG) -> dict:
-    """default.yaml, then each --config file, then --key value overrides, validated."""
-    defaults = read_yaml(default_path)
-    settings = {section: dict(defaults.get(section, {})) for section in SECTIONS}
-    section_of = {key: section for section in SECTIONS for key in settings[section]}
-    pairs = parse_command_line(sys.argv[1:] if argv is None else argv)
-
-    for key, text in pairs:
-        if key != "config":
-            continue
-        for section, values in read_yaml(text).items():
-            if section not in SECTIONS:
-                raise SettingsError(f"{text}: unknown section {section!r} (expected {', '.join(SECTIONS)})")
-            for name, value in values.items():
-                if name not in settings[section]:
-                    raise SettingsError(f"{text}: unknown setting {section}.{name} (not in {default_path.name})")
-                settings[section][name] = coerce(name, value, defaults[section][name])
-
-    for key, text in pairs:
-        if key == "config":
-            continue
-        if key not in section_of:
-            raise SettingsError(f"unknown setting --{key} (not in {default_path.name})")
-        section = section_of[key]
-        value = None if text.lower() == "null" else text
-        settings[section][key] = coerce(key, value, defaults[section][key])
-    validate(settings)
-    return settings
-
-
-def _check(condition: bool, key: str, expectation: str, value):
-    if not condition:
-        raise SettingsError(f"--{key} must be {expectation}, got {value!r}")
-
-
-def validate(settings: dict):
-    from transformers import SchedulerType
-
-    from cifar10_data import AUTO_AUGMENT_CHOICES
-    from configuration_hybrid_vit import HybridViTConfig
-
-    data, train = settings["data"], settings["training"]
-    attention = settings["model"]["attn_implementation"]
-    _check(attention in ("sdpa", "eager"), "attn_implementation", "sdpa or eager", attention)
-
-    def positive_int_or_none(key, section):
-        value = section[key]
-        _check(value is None or (isinstance(value, int) and value > 0), key, "a positive integer or null", value)
-
-    _check(isinstance(data["dataset_name"], str) and data["dataset_name"], "dataset_name", "a Hub id or a folder", data["dataset_name"])
-    from run_folder import is_local_path
-
-    hub_id = data["dataset_hub_id"]
-    _check(hub_id is None or (isinstance(hub_id, str) and not is_local_path(hub_id)), "dataset_hub_id", "a Hub id like owner/name, or null", hub_id)
-    _check(0 < data["train_val_split"] < 1, "train_val_split", "in (0, 1)", data["train_val_split"])
-    positive_int_or_none("max_train_samples", data)
-    positive_int_or_none("max_eval_samples", data)
-    _check(data["auto_augment"] in AUTO_AUGMENT_CHOICES, "auto_augment", f"one of {AUTO_AUGMENT_CHOICES}", data["auto_augment"])
-    _check(data["random_crop_padding"] >= 0, "random_crop_padding", ">= 0", data["random_crop_padding"])
-    size = settings["model"]["image_size"]
-    _check(isinstance(data["cutout_size"], int) and 0 <= data["cutout_size"] <= size, "cutout_size", f"an integer in [0, {size}]", data["cutout_size"])
-    for key in ("mixup_alpha", "cutmix_alpha"):
-        _check(data[key] >= 0, key, ">= 0", data[key])
-    for key in ("mix_prob", "mix_switch_prob"):
-        _check(0 <= data[key] <= 1, key, "in [0, 1]", data[key])
-    _check(0 <= data["label_smoothing"] < 1, "label_smoothing", "in [0, 1)", data["label_smoothing"])
-    # reflect padding needs a shift below the image size
-    _check(isinstance(data["tta_shift"], int) and 0 <= data["tta_shift"] < size, "tta_shift", f"an integer in [0, {size})", data["tta_shift"])
-    _check(data["dataloader_num_workers"] >= 0, "dataloader_num_workers", ">= 0", data["dataloader_num_workers"])
-
-    _check(isinstance(train["output_dir"], str) and train["output_dir"], "output_dir", "a folder", train["output_dir"])
-    epochs = train["num_train_epochs"]
-    _check(epochs == "auto" or epochs > 0, "num_train_epochs", "> 0 or auto", epochs)
-    positive_int_or_none("max_train_steps", train)
-    _check(train["max_train_minutes"] is None or float(train["max_train_minutes"]) > 0, "max_train_minutes", "> 0 or null", train["max_train_minutes"])
-    if epochs == "auto":
-        _check(train["max_train_minutes"] is not None, "num_train_epochs", "a number unless --max_train_minutes is set (auto fits the schedule to that time)", epochs)
-        _check(train["max_train_steps"] is None, "max_train_steps", "null with --num_train_epochs auto (the schedule is fitted to --max_train_minutes)", train["max_train_steps"])
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
-        _check(isinstance(train[key], int) and train[key] > 0, key, "a positive integer", train[key])
-    _check(train["learning_rate"] > 0, "learning_rate", "> 0", train["learning_rate"])
-    _check(train["weight_decay"] >= 0, "weight_decay", ">= 0", train["weight_decay"])
-    _check(train["optimizer"] in ("adamw", "sgd"), "optimizer", "adamw or sgd", train["optimizer"])
-    for key in ("adam_beta1", "adam_beta2", "sgd_momentum", "warmup_ratio"):
-        _check(0 <= train[key] < 1, key, "in [0, 1)", train[key])
-    _check(train["max_grad_norm"] >= 0, "max_grad_norm", ">= 0", train["max_grad_norm"])
-    init = train["model_name_or_path"]
-    _check(init is None or (isinstance(init, str) and init), "model_name_or_path", "a saved model folder, a Hub id or null", init)
-    teacher = train["teacher_model"]
-    _check(teacher is None or (isinstance(teacher, str) and teacher), "teacher_model", "a saved model folder, a Hub id or null", teacher)
-    _check(0 <= train["distillation_alpha"] <= 1, "distillation_alpha", "in [0, 1]", train["distillation_alpha"])
-    _check(train["distillation_temperature"] > 0, "distillation_temperature", "> 0", train["distillation_temperature"])
-    shift = train["teacher_tta_shift"]
-    _check(isinstance(shift, int) and 0 <= shift < size, "teacher_tta_shift", f"an integer in [0, {size})", shift)
-    _check(shift == 0 or train["teacher_flip_tta"], "teacher_tta_shift", "0 when --teacher_flip_tta is false (shifts are views of flip TTA)", shift)
-    ema = train["ema_decay"]
-    _check(ema is None or (isinstance(ema, (int, float)) and 0 < ema < 1), "ema_decay", "in (0, 1) or null", ema)
-    schedulers = [s.value for s in SchedulerType]
-    _check(train["lr_scheduler_type"] in schedulers, "lr_scheduler_type", f"one of {schedulers}", train["lr_scheduler_type"])
-    _check(train["mixed_precision"] in MIXED_PRECISION_CHOICES, "mixed_precision", "auto, no, fp16 or bf16", train["mixed_precision"])
-    sync = train["sync_batchnorm"]
-    if isinstance(sync, str) and sync.lower() in ("true", "false"):
-        sync = train["sync_batchnorm"] = sync.lower() == "true"
-    _check(sync == "auto" or isinstance(sync, bool), "sync_batchnorm", "auto, true or false", sync)
-    steps = train["checkpointing_steps"]
-    if isinstance(steps, str) and steps.isdigit():
-        steps = train["checkpointing_steps"] = int(steps)
-    _check(steps is None or steps == "epoch" or (isinstance(steps, int) and steps > 0), "checkpointing_steps", "a positive integer, epoch or null", steps)
-    positive_int_or_none("checkpoints_total_limit", train)
-    _check(train["report_to"] in ("tensorboard", "none"), "report_to", "tensorboard or none", train["report_to"])
-    _check(not train["push_to_hub"] or bool(train["hub_model_id"]), "hub_model_id", "set when --push_to_hub is true", train["hub_model_id"])
-    try:
-        HybridViTConfig(**settings["model"])
-    except (ValueError, TypeError) as error:
-        raise SettingsError(f"invalid model setting: {error}") from None
+# Settings of the model section that change how a model trains or runs, not its weights:
+# they still apply when the weights (and the architecture) come from --model_name_or_path.
+RUNTIME_MODEL_SETTINGS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -256,7 +70,7 @@ def resolve_resume_path(resume, output_dir, log) -> Path | None:
     if resume != "latest":
         path = Path(resume)
         if not (path / "trainer_state.json").is_file():
-            raise SettingsError(f"--resume_from_checkpoint {resume} is not a complete checkpoint (no trainer_state.json)")
+            raise UserError(f"--resume_from_checkpoint {resume} is not a complete checkpoint (no trainer_state.json)")
         return path
     complete, incomplete = list_checkpoints(output_dir)
     for path in incomplete:
@@ -292,9 +106,6 @@ def save_checkpoint(accelerator, output_dir, step, state, limit, log, ema=None):
     accelerator.wait_for_everyone()
 
 
-EMA_FILE = "ema.safetensors"
-
-
 def save_best_model(model, output_dir):
     """Write the Hub folder into a staging folder, then move each file into place."""
     from modeling_hybrid_vit import save_model_and_processor
@@ -316,10 +127,7 @@ def check_output_dir_writable(output_dir):
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise SettingsError(f"output folder {output_dir} is not writable: {error.strerror or error}") from None
-
-
-# ----------------------------------------------------------------------------- train
+        raise UserError(f"output folder {output_dir} is not writable: {error.strerror or error}") from None
 
 
 def hardware_description(accelerator) -> str:
@@ -336,10 +144,7 @@ def hardware_description(accelerator) -> str:
     return f"{accelerator.num_processes} process(es) on CPU: {cpu}, {os.cpu_count()} cores"
 
 
-# ------------------------------------------------------------------ precision
-
-
-MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+# ------------------------------------------------------------------------- precision
 
 
 def bf16_matmul_speedup(size: int = 256, repeats: int = 3) -> float:
@@ -389,27 +194,24 @@ def choose_mixed_precision(requested: str, device: torch.device, bf16_speedup=No
     return "no", f"float32: {emulated}"
 
 
-def parameter_groups(model, weight_decay):
-    """Optimiser groups: no weight decay on norms, biases, position embeddings or the CLS token."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        exempt = parameter.ndim <= 1 or name.endswith(("position_embeddings", "cls_token"))
-        (no_decay if exempt else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def resolve_mixed_precision(requested: str) -> tuple[str, str]:
+    """choose_mixed_precision for the device this process will train on, decided by the
+    main process, so that every process of a run agrees."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    # The process's device, before the Accelerator exists. The state is shared: it must be
+    # made as the Accelerator would make it (which also reads ACCELERATE_USE_CPU).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    choice = [None, None]
+    if state.is_main_process:
+        choice = list(choose_mixed_precision(requested, state.device))
+    if state.num_processes > 1:
+        broadcast_object_list(choice)
+    return choice[0], choice[1]
 
 
-def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay), or SGD with Nesterov momentum as airbench trains its
-    CNN (weight decay added to the gradient, so it wants values like 5e-4, not 0.05)."""
-    groups = parameter_groups(model, train_cfg["weight_decay"])
-    if train_cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=train_cfg["learning_rate"], momentum=train_cfg["sgd_momentum"], nesterov=True)
-    return torch.optim.AdamW(groups, lr=train_cfg["learning_rate"], betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]))
-
-
-# ------------------------------------------------------------ many processes
+# -------------------------------------------------------------------- many processes
 
 
 class AllReduceBatchNorm2d(torch.nn.BatchNorm2d):
@@ -464,7 +266,40 @@ def synchronise_batchnorm(model: torch.nn.Module, device_type: str) -> torch.nn.
     return model
 
 
-# ------------------------------------------------------------------- schedule
+# -------------------------------------------------------------------------- optimiser
+
+
+def parameter_groups(model, weight_decay):
+    """Optimiser groups: no weight decay on norms, biases, position embeddings or the CLS token."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = parameter.ndim <= 1 or name.endswith(("position_embeddings", "cls_token"))
+        (no_decay if exempt else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay), or SGD with Nesterov momentum as airbench trains its
+    CNN (weight decay added to the gradient, so it wants values like 5e-4, not 0.05)."""
+    groups = parameter_groups(model, train_cfg["weight_decay"])
+    if train_cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg["learning_rate"], momentum=train_cfg["sgd_momentum"], nesterov=True)
+    return torch.optim.AdamW(groups, lr=train_cfg["learning_rate"], betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]))
+
+
+def make_ema(model, train_cfg, device):
+    """A copy of the model (BatchNorm statistics too) that trails the trained weights; it is
+    what gets evaluated and saved. Made before prepare, so it is a plain module."""
+    if train_cfg["ema_decay"] is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(train_cfg["ema_decay"]), use_buffers=True)
+
+
+# --------------------------------------------------------------------------- schedule
 
 
 def make_scheduler(optimizer, train_cfg, total_steps: int, num_processes: int, completed_steps: int = 0):
@@ -532,22 +367,16 @@ def measure_seconds_per_step(training_step, model, optimizer, dataloader, accele
     return seconds_per_step, time.perf_counter() - start
 
 
-def model_logits(model, pixel_values, flip_tta=False, tta_shift=0) -> torch.Tensor:
-    """A model's float32 logits for a batch; with `flip_tta`, averaged with those of the
-    mirror images (and with `tta_shift`, of both shifted; `cifar10_data.tta_views`)."""
-    from cifar10_data import tta_views
-
-    if not flip_tta:
-        return model(pixel_values=pixel_values).logits.float()
-    return sum(weight * model(pixel_values=view).logits.float() for view, weight in tta_views(pixel_values, tta_shift))
+# ------------------------------------------------------------------------- evaluation
 
 
 def evaluate(model, dataloader, accelerator, flip_tta=False, tta_shift=0) -> dict:
     """Validation loss and accuracy; gather_for_metrics drops the samples that
     distributed sampling duplicates, so each image counts exactly once. With `flip_tta`,
-    the logits of each image and its mirror image are averaged; with `tta_shift` too,
-    those of both shifted by that many pixels (weights from `cifar10_data.tta_views`)."""
+    the logits of each image's test-time views are averaged (`cifar10_data.tta_logits`)."""
     import torch.nn.functional as F
+
+    from cifar10_data import tta_logits
 
     model.eval()
     correct = total = 0
@@ -555,7 +384,7 @@ def evaluate(model, dataloader, accelerator, flip_tta=False, tta_shift=0) -> dic
     # autocast for a model that prepare() did not wrap (the weight average) too
     with torch.no_grad(), accelerator.autocast():
         for batch in dataloader:
-            logits = model_logits(model, batch["pixel_values"], flip_tta, tta_shift)
+            logits = tta_logits(model, batch["pixel_values"], flip_tta, tta_shift)
             losses = F.cross_entropy(logits, batch["labels"], reduction="none")
             predictions, labels, losses = accelerator.gather_for_metrics(
                 (logits.argmax(-1), batch["labels"], losses)
@@ -567,60 +396,118 @@ def evaluate(model, dataloader, accelerator, flip_tta=False, tta_shift=0) -> dic
     return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
 
 
-# Settings of the model section that change how a model trains or runs, not its weights:
-# they still apply when the weights (and the architecture) come from --model_name_or_path.
-RUNTIME_MODEL_SETTINGS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
+# ------------------------------------------------------------- models: new, fine-tuned, teacher
 
 
 def load_saved_config(name_or_path, key):
     """The config.json of a saved model folder or Hub id, or one clear line naming --key."""
     from configuration_hybrid_vit import HybridViTConfig
+    from run_folder import is_local_path
 
-    if not Path(name_or_path).is_dir() and (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1):
-        raise SettingsError(f"--{key} {name_or_path}: no such folder (nor a Hub id like owner/name)")
+    if is_local_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise UserError(f"--{key} {name_or_path}: no such folder (nor a Hub id like owner/name)")
     try:
-        return HybridViTConfig.from_pretrained(name_or_path)
+        return HybridViTConfig.from_pretrained(os.path.expanduser(name_or_path))
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SettingsError(f"--{key} {name_or_path}: {first_line}") from None
+        raise UserError(f"--{key} {name_or_path}: {first_line}") from None
 
 
-def load_teacher(name_or_path, settings, label_names, image_size, log):
+def new_model(model_settings, label_names, whitening_images, log):
+    """A freshly initialised model of the model section's architecture; its whitening
+    layer, if any, fitted to `whitening_images()` (training images only)."""
+    from configuration_hybrid_vit import HybridViTConfig
+    from modeling_hybrid_vit import HybridViTForImageClassification
+
+    config = HybridViTConfig(
+        **model_settings, id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)}
+    )
+    model = HybridViTForImageClassification(config)
+    if config.backbone_whitening_size:
+        # On resume, the checkpoint's (identical) weights replace these.
+        sample = whitening_images()
+        model.fit_whitening(sample)
+        log(f"whitening layer fitted to {len(sample)} training images")
+    return model
+
+
+def load_initial_model(name_or_path, model_settings, label_names, log):
+    """The model to fine-tune: weights and architecture from a saved folder or a Hub id.
+
+    As in transformers' examples, a dataset with other classes gets a new classification
+    head (``ignore_mismatched_sizes``). The whitening layer keeps its fitted weights.
+    """
+    from modeling_hybrid_vit import HybridViTForImageClassification
+
+    config = load_saved_config(name_or_path, "model_name_or_path")
+    config.logit_temperature = 1.0  # train on the raw logits; a calibration is fitted afresh after training
+    for key in RUNTIME_MODEL_SETTINGS:
+        setattr(config, key, model_settings[key])
+    new_head = [config.id2label[i] for i in range(config.num_labels)] != list(label_names)
+    if new_head:
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: i for i, name in enumerate(label_names)}
+    model = HybridViTForImageClassification.from_pretrained(
+        os.path.expanduser(name_or_path),
+        config=config,
+        attn_implementation=model_settings["attn_implementation"],
+        ignore_mismatched_sizes=new_head,
+        dtype=torch.float32,
+    )
+    log(
+        f"starting from the weights of {name_or_path}: its architecture is used, and of the model "
+        f"settings only {', '.join(RUNTIME_MODEL_SETTINGS)} and attn_implementation apply"
+        + (f"; new classification head for {len(label_names)} classes" if new_head else "")
+    )
+    return model
+
+
+def warn_if_split_differs(name_or_path, settings, log):
+    """A folder saved by run_train.py says which images it was trained on. Different split
+    settings mean this run's validation images may have been training images there."""
+    from run_folder import public_settings, train_settings
+
+    before = train_settings(name_or_path)
+    if not before:
+        return
+    now = public_settings(settings)  # saved settings hold public names (a Hub id, not a local path)
+    keys = [("data", "dataset_name"), ("data", "train_val_split"), ("data", "max_train_samples"), ("training", "seed")]
+    changed = [key for section, key in keys if before.get(section, {}).get(key) != now[section][key]]
+    if changed:
+        log(
+            f"warning: {name_or_path} was trained with other {', '.join(changed)}; its training images may "
+            "include this run's validation images, so validation accuracy may be optimistic"
+        )
+
+
+def load_teacher(name_or_path, train_cfg, attn_implementation, label_names, image_size, log):
     """A trained model to distil from: frozen, in eval mode (BatchNorm uses its running
     statistics), float32 weights run under the run's autocast. It must predict the same
     classes, in the same order, from images of the student's size."""
     from modeling_hybrid_vit import HybridViTForImageClassification
 
     config = load_saved_config(name_or_path, "teacher_model")
+    config.logit_temperature = 1.0  # distil from the logits it was trained to give
     teacher_labels = [config.id2label[i] for i in range(config.num_labels)]
     if teacher_labels != list(label_names):
-        raise SettingsError(
-            f"--teacher_model {name_or_path} predicts {teacher_labels}, but the dataset's classes are {list(label_names)}"
-        )
+        raise UserError(f"--teacher_model {name_or_path} predicts {teacher_labels}, but the dataset's classes are {list(label_names)}")
     if config.image_size != image_size:
-        raise SettingsError(
+        raise UserError(
             f"--teacher_model {name_or_path} takes {config.image_size}x{config.image_size} images; this run trains on "
             f"{image_size}x{image_size}"
         )
     teacher = HybridViTForImageClassification.from_pretrained(
-        name_or_path, config=config, attn_implementation=settings["model"]["attn_implementation"], dtype=torch.float32
+        os.path.expanduser(name_or_path), config=config, attn_implementation=attn_implementation, dtype=torch.float32
     )
     teacher.eval().requires_grad_(False)
-    train = settings["training"]
+    alpha = train_cfg["distillation_alpha"]
     log(
-        f"distilling from {name_or_path}: loss = {1 - train['distillation_alpha']:g} x cross-entropy with the labels + "
-        f"{train['distillation_alpha']:g} x T^2 KL(teacher || student) at T = {train['distillation_temperature']:g}"
-        + (", the teacher's logits averaged over each image and its mirror image" if train["teacher_flip_tta"] else "")
-        + (f", both also shifted by {train['teacher_tta_shift']} pixels" if train["teacher_tta_shift"] else "")
+        f"distilling from {name_or_path}: loss = {1 - alpha:g} x cross-entropy with the labels + "
+        f"{alpha:g} x T^2 KL(teacher || student) at T = {train_cfg['distillation_temperature']:g}"
+        + (", the teacher's logits averaged over each image and its mirror image" if train_cfg["teacher_flip_tta"] else "")
+        + (f", both also shifted by {train_cfg['teacher_tta_shift']} pixels" if train_cfg["teacher_tta_shift"] else "")
     )
     return teacher
-
-
-def teacher_logits(teacher, pixel_values, accelerator, flip_tta, tta_shift=0) -> torch.Tensor:
-    """The teacher's float32 logits for the student's (augmented, mixed) batch, with the
-    test-time augmentation `evaluate` scores a model with, under the run's autocast."""
-    with torch.no_grad(), accelerator.autocast():
-        return model_logits(teacher, pixel_values, flip_tta, tta_shift)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -638,105 +525,71 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     ) * (t * t)
 
 
-def load_initial_model(name_or_path, settings, label_names, log):
-    """The model to fine-tune: weights and architecture from a saved folder or a Hub id.
-
-    As in transformers' examples, a dataset with other classes gets a new classification
-    head (``ignore_mismatched_sizes``). The whitening layer keeps its fitted weights.
-    """
-    from modeling_hybrid_vit import HybridViTForImageClassification
-
-    config = load_saved_config(name_or_path, "model_name_or_path")
-    # validate() checked these against the model section's image size; the images are this model's size
-    size, data = config.image_size, settings["data"]
-    if data["cutout_size"] > size or data["tta_shift"] >= size:
-        raise SettingsError(
-            f"--model_name_or_path {name_or_path} takes {size}x{size} images, so cutout_size must be at most {size} "
-            f"and tta_shift below {size}; got {data['cutout_size']} and {data['tta_shift']}"
-        )
-    for key in RUNTIME_MODEL_SETTINGS:
-        setattr(config, key, settings["model"][key])
-    new_head = [config.id2label[i] for i in range(config.num_labels)] != list(label_names)
-    if new_head:
-        config.id2label = dict(enumerate(label_names))
-        config.label2id = {name: i for i, name in enumerate(label_names)}
-    model = HybridViTForImageClassification.from_pretrained(
-        name_or_path,
-        config=config,
-        attn_implementation=settings["model"]["attn_implementation"],
-        ignore_mismatched_sizes=new_head,
-        dtype=torch.float32,
-    )
-    log(
-        f"starting from the weights of {name_or_path}: its architecture is used, and of the model "
-        f"settings only {', '.join(RUNTIME_MODEL_SETTINGS)} and attn_implementation apply"
-        + (f"; new classification head for {len(label_names)} classes" if new_head else "")
-    )
-    # A folder saved by run_train.py says which images it was trained on. Different split
-    # settings mean this run's validation images may have been training images there.
-    saved = Path(name_or_path) / "train_config.yaml"
-    if saved.is_file():
-        from run_folder import public_settings
-
-        # Saved settings hold public names (the dataset's Hub id, not a local path): compare those.
-        before, now = yaml.safe_load(saved.read_text()), public_settings(settings)
-        keys = [("data", "dataset_name"), ("data", "train_val_split"), ("data", "max_train_samples"), ("training", "seed")]
-        changed = [key for section, key in keys if before.get(section, {}).get(key) != now[section][key]]
-        if changed:
-            log(
-                f"warning: {name_or_path} was trained with other {', '.join(changed)}; its training images may "
-                "include this run's validation images, so validation accuracy may be optimistic"
-            )
-    return model
+# ------------------------------------------------------------------------------ stages
 
 
-def resolve_mixed_precision(requested: str) -> tuple[str, str]:
-    """choose_mixed_precision for the device this process will train on, decided by the
-    main process, so that every process of a run agrees."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+@dataclass
+class TrainerState:
+    """What a checkpoint's trainer_state.json holds besides Accelerate's own state."""
 
-    # The process's device, before the Accelerator exists. The state is shared: it must be
-    # made as the Accelerator would make it (which also reads ACCELERATE_USE_CPU).
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    choice = [None, None]
-    if state.is_main_process:
-        choice = list(choose_mixed_precision(requested, state.device))
-    if state.num_processes > 1:
-        broadcast_object_list(choice)
-    return choice[0], choice[1]
+    step: int = 0
+    train_seconds: float = 0.0
+    best_eval_accuracy: float = -1.0
+    history: list = field(default_factory=list)
+    num_skipped_images: int = 0
+    schedule: dict = field(default_factory=dict)  # the schedule's length, and whether it was fitted to the time
 
 
-def train(settings: dict, command: str) -> dict:
+@dataclass
+class Loop:
+    """The prepared objects the epoch loop works with."""
+
+    accelerator: object
+    model: object
+    optimizer: object
+    scheduler: object
+    train_dataloader: object
+    eval_dataloaders: dict
+    train_augmentation: object
+    train_collator: object
+    ema: object
+    teacher: object
+    memory_format: object
+    steps_per_epoch: int
+    progress: object = None
+    skipped_at_decode: int = 0
+    run_images: int = 0
+    run_seconds: float = 0.0
+    time_up: bool = False
+
+    @property
+    def eval_model(self):
+        return self.model if self.ema is None else self.ema.module
+
+
+def make_accelerator(train_cfg):
+    """The Accelerator, in the precision the hardware runs natively (mixed_precision auto),
+    and a logger that writes once, above the progress bar."""
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import is_tensorboard_available, set_seed
-    from torch.utils.data import DataLoader
+    from accelerate.utils import is_tensorboard_available
     from tqdm.auto import tqdm
 
-    import cifar10_data
-    import run_folder
-    from configuration_hybrid_vit import HybridViTConfig
-    from modeling_hybrid_vit import HybridViTForImageClassification, classification_loss
-
-    data, train_cfg = settings["data"], settings["training"]
-    output_dir = train_cfg["output_dir"]
     report_to = train_cfg["report_to"]
     if report_to == "tensorboard" and not is_tensorboard_available():
         print("tensorboard is not installed; metrics go to training_log.json only", file=sys.stderr)
         report_to = "none"
-    precision, precision_reason = resolve_mixed_precision(train_cfg["mixed_precision"])
+    precision, reason = resolve_mixed_precision(train_cfg["mixed_precision"])
     try:
         accelerator = Accelerator(
             mixed_precision=precision,
             gradient_accumulation_steps=train_cfg["gradient_accumulation_steps"],
             log_with=None if report_to == "none" else report_to,
-            project_dir=output_dir,
+            project_dir=train_cfg["output_dir"],
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             dynamo_backend="inductor" if train_cfg["torch_compile"] else "no",
         )
     except ValueError as error:
-        raise SettingsError(f"--mixed_precision {train_cfg['mixed_precision']}: {error}") from None
-
+        raise UserError(f"--mixed_precision {train_cfg['mixed_precision']}: {error}") from None
     if accelerator.device.type == "cuda":
         # Fixed shapes (drop_last): let cuDNN time its convolution algorithms once and keep
         # the fastest. Exact resume is promised on the CPU only (see the README).
@@ -746,316 +599,283 @@ def train(settings: dict, command: str) -> dict:
         if accelerator.is_main_process:
             tqdm.write(message, file=sys.stderr)
 
-    if precision_reason.startswith("as set, although"):
-        log(f"warning: --mixed_precision bf16: {precision_reason.removeprefix('as set, although ')}; "
-            "--mixed_precision auto would train in float32")
-    log(f"mixed precision: {precision} ({precision_reason})")
+    if reason.startswith("as set, although"):
+        log(f"warning: --mixed_precision bf16: {reason.removeprefix('as set, although ')}; --mixed_precision auto would train in float32")
+    log(f"mixed precision: {precision} ({reason})")
+    return accelerator, log, report_to, {"mixed_precision": precision, "mixed_precision_reason": reason}
 
-    seed = train_cfg["seed"]
-    set_seed(seed)
+
+def load_data(data, seed, accelerator):
+    """The train, validation and (where the dataset has one) test splits."""
+    import cifar10_data
+
     with accelerator.main_process_first():
         splits, image_column, label_column = cifar10_data.load_splits(
-            data["dataset_name"],
-            data["train_val_split"],
-            seed,
-            data["max_train_samples"],
-            data["max_eval_samples"],
+            data["dataset_name"], data["train_val_split"], seed, data["max_train_samples"], data["max_eval_samples"]
         )
+    return splits, image_column, label_column
+
+
+def build_model(settings, splits, image_column, label_column, log):
+    """A new model, or the one --model_name_or_path names; the data settings are checked
+    against the images it takes."""
+    import cifar10_data
+
+    train_cfg, data = settings["training"], settings["data"]
     label_names = splits["train"].features[label_column].names
-    if train_cfg["model_name_or_path"] is not None:
-        model = load_initial_model(train_cfg["model_name_or_path"], settings, label_names, log)
-        config = model.config
-    else:
-        config = HybridViTConfig(
-            **settings["model"],
-            id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
+    name = train_cfg["model_name_or_path"]
+    if name is None:
+        size = settings["model"]["image_size"]
+        model = new_model(
+            settings["model"], label_names,
+            lambda: cifar10_data.normalized_images(splits["train"], image_column, label_column, size, 5000), log,
         )
-        model = HybridViTForImageClassification(config)
-        if config.backbone_whitening_size:
-            # From training images only; on resume the checkpoint's (identical) weights replace it.
-            sample = cifar10_data.normalized_images(splits["train"], image_column, label_column, config.image_size, 5000)
-            model.fit_whitening(sample)
-            log(f"whitening layer fitted to {len(sample)} training images")
-    teacher = None
-    if train_cfg["teacher_model"] is not None:
-        teacher = load_teacher(train_cfg["teacher_model"], settings, label_names, config.image_size, log)
-    resume_path = resolve_resume_path(train_cfg["resume_from_checkpoint"], output_dir, log)
-    if accelerator.is_main_process:
-        check_output_dir_writable(output_dir)
-    accelerator.wait_for_everyone()
+        return model
+    model = load_initial_model(name, settings["model"], label_names, log)
+    size = model.config.image_size  # training_settings checked these against the model section's size
+    if data["cutout_size"] > size or data["tta_shift"] >= size:
+        raise UserError(
+            f"--model_name_or_path {name} takes {size}x{size} images, so cutout_size must be at most {size} "
+            f"and tta_shift below {size}; got {data['cutout_size']} and {data['tta_shift']}"
+        )
+    warn_if_split_differs(name, settings, log)
+    return model
 
-    sync = train_cfg["sync_batchnorm"]
-    sync = accelerator.num_processes > 1 if sync == "auto" else sync
-    if sync:
-        model = synchronise_batchnorm(model, accelerator.device.type)
-        log(f"BatchNorm statistics synchronised over the {accelerator.num_processes} processes' batches")
-    num_parameters = model.num_parameters()
-    memory_format = torch.channels_last if train_cfg["channels_last"] else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    if teacher is not None:
-        teacher = teacher.to(accelerator.device, memory_format=memory_format)
 
-    datasets, train_augmentation, skipped_at_decode = cifar10_data.build_datasets(
-        splits,
-        image_column,
-        label_column,
-        image_size=config.image_size,
-        seed=seed,
-        decode_once=data["decode_once"],
-        device=accelerator.device,
-        auto_augment=data["auto_augment"],
-        random_crop_padding=data["random_crop_padding"],
-        horizontal_flip=data["horizontal_flip"],
-        skip_bad_images=data["skip_bad_images"],
-        cutout_size=data["cutout_size"],
+def build_dataloaders(data, train_cfg, splits, image_column, label_column, image_size, device):
+    """The training loader (augmented, mixed, shuffled by a seedable sampler, whole batches
+    only) and one evaluation loader per held-out split."""
+    from torch.utils.data import DataLoader
+
+    import cifar10_data
+
+    seed = train_cfg["seed"]
+    datasets, train_augmentation, skipped = cifar10_data.build_datasets(
+        splits, image_column, label_column, data, image_size=image_size, seed=seed, device=device
     )
-    train_collator = cifar10_data.MixCollator(
-        len(label_names), data["mixup_alpha"], data["cutmix_alpha"], data["mix_prob"], data["mix_switch_prob"], seed=seed
-    )
-    eval_collator = cifar10_data.MixCollator(len(label_names))
-    # Decoded tensors may live on the GPU, which worker processes cannot share.
-    workers = 0 if data["decode_once"] else data["dataloader_num_workers"]
+    num_labels = splits["train"].features[label_column].num_classes
+    train_collator = cifar10_data.mix_collator(data, num_labels, seed=seed)
+    eval_collator = cifar10_data.MixCollator(num_labels)
+    workers = 0 if data["decode_once"] else data["dataloader_num_workers"]  # decoded tensors may live on the GPU
     train_dataloader = DataLoader(
-        datasets["train"],
-        batch_size=train_cfg["per_device_train_batch_size"],
-        shuffle=True,
-        drop_last=True,
-        collate_fn=train_collator,
-        num_workers=workers,
+        datasets["train"], batch_size=train_cfg["per_device_train_batch_size"], shuffle=True, drop_last=True,
+        collate_fn=train_collator, num_workers=workers,
     )
-    eval_dataloaders = {
-        name: DataLoader(
-            datasets[name],
-            batch_size=train_cfg["per_device_eval_batch_size"],
-            collate_fn=eval_collator,
-            num_workers=workers,
-        )
-        for name in ("validation", "test")
-        if name in datasets
-    }
     if len(train_dataloader) == 0:
-        raise SettingsError(
+        raise UserError(
             f"the training split has {len(splits['train'])} images, fewer than one batch "
             f"(--per_device_train_batch_size {train_cfg['per_device_train_batch_size']})"
         )
+    eval_dataloaders = {
+        name: DataLoader(datasets[name], batch_size=train_cfg["per_device_eval_batch_size"], collate_fn=eval_collator, num_workers=workers)
+        for name in ("validation", "test")
+        if name in datasets
+    }
+    return train_dataloader, eval_dataloaders, train_augmentation, train_collator, skipped
 
-    optimizer = make_optimizer(model, train_cfg)
-    ema = None
-    if train_cfg["ema_decay"] is not None:
-        # A copy of the model (BatchNorm statistics too) that trails the trained weights;
-        # it is what gets evaluated and saved. Made before prepare, so it is a plain module.
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        ema = AveragedModel(
-            model, device=accelerator.device, multi_avg_fn=get_ema_multi_avg_fn(train_cfg["ema_decay"]), use_buffers=True
-        )
-    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-    eval_dataloaders = {name: accelerator.prepare(loader) for name, loader in eval_dataloaders.items()}
-
-    accumulation = train_cfg["gradient_accumulation_steps"]
-    steps_per_epoch = math.ceil(len(train_dataloader) / accumulation)
-    budget = None if train_cfg["max_train_minutes"] is None else 60 * float(train_cfg["max_train_minutes"])
-    saved_state = json.loads((resume_path / "trainer_state.json").read_text()) if resume_path is not None else None
-
-    def compute_loss(batch):
-        pixel_values = batch["pixel_values"].contiguous(memory_format=memory_format)
-        logits = model(pixel_values=pixel_values).logits
-        loss = classification_loss(logits, batch["labels"], data["label_smoothing"])
-        if teacher is not None:
-            alpha = train_cfg["distillation_alpha"]
-            soft = distillation_loss(
-                logits,
-                teacher_logits(teacher, pixel_values, accelerator, train_cfg["teacher_flip_tta"], train_cfg["teacher_tta_shift"]),
-                train_cfg["distillation_temperature"],
-            )
-            loss = (1 - alpha) * loss + alpha * soft
-        return loss
-
-    def probe_step(batch):
-        loss = compute_loss({key: value for key, value in batch.items() if key != "num_skipped"})
-        accelerator.backward(loss)
-        if train_cfg["max_grad_norm"] > 0:
-            accelerator.clip_grad_norm_(model.parameters(), train_cfg["max_grad_norm"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    # The schedule's length: fixed by num_train_epochs or max_train_steps, or (num_train_epochs
-    # auto) fitted to max_train_minutes from this run's measured speed, re-fitted once after
-    # the first epoch. A fitted length is saved in every checkpoint, so resume stays exact.
-    probe_seconds = 0.0
+def fit_schedule(loop: Loop, train_cfg, budget, saved_state, probe_step, log) -> tuple[dict, float]:
+    """The schedule's length, and the seconds spent measuring it: fixed by num_train_epochs
+    or max_train_steps, or (num_train_epochs auto) fitted to max_train_minutes from this
+    run's measured speed, to be re-fitted once after the first epoch. A fitted length is
+    saved in every checkpoint, so a resumed run keeps it."""
     if train_cfg["num_train_epochs"] != "auto":
-        schedule = {"fitted": False, "max_train_steps": train_cfg["max_train_steps"] or int(train_cfg["num_train_epochs"] * steps_per_epoch)}
-    elif saved_state is not None and "schedule" in saved_state:
-        schedule = saved_state["schedule"]
-    else:
-        seconds_per_step, probe_seconds = measure_seconds_per_step(probe_step, model, optimizer, train_dataloader, accelerator)
-        seconds_per_step = accelerator.reduce(torch.tensor(seconds_per_step, device=accelerator.device), "mean").item()
-        total = steps_that_fit(budget - probe_seconds, seconds_per_step)
-        schedule = {"fitted": True, "max_train_steps": total, "first_fit_steps": total, "seconds_per_step": seconds_per_step, "refitted": False}
-        log(
-            f"schedule fitted to {budget / 60:g} min: {seconds_per_step * 1000:.1f} ms a step measured over 10 steps, so "
-            f"{total} steps ({total / steps_per_epoch:.1f} epochs); re-fitted after the first epoch"
-        )
-    max_train_steps = schedule["max_train_steps"]
-    # A fixed schedule stops at the time limit; a fitted one ends there by itself, and is
-    # stopped only if the machine slows down by more than FITTED_TIME_LIMIT_FACTOR.
-    max_seconds = None if budget is None else budget * (FITTED_TIME_LIMIT_FACTOR if schedule["fitted"] else 1.0)
-    scheduler = accelerator.prepare(make_scheduler(optimizer, train_cfg, max_train_steps, accelerator.num_processes))
-
-    completed_steps, train_seconds, best_accuracy, history, skipped = 0, probe_seconds, -1.0, [], skipped_at_decode
-    if resume_path is not None:
-        log(f"resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        state = saved_state
-        completed_steps, train_seconds = state["step"], state["train_seconds"]
-        best_accuracy, history, skipped = state["best_eval_accuracy"], state["history"], state["num_skipped_images"]
-        if ema is not None:
-            if not (resume_path / EMA_FILE).is_file():
-                raise SettingsError(f"{resume_path} has no {EMA_FILE}: it was saved by a run without --ema_decay")
-            from safetensors.torch import load_file
-
-            ema.load_state_dict(load_file(str(resume_path / EMA_FILE), device=str(accelerator.device)))
-    if report_to != "none":
-        flat = {k: str(v) if isinstance(v, list) or v is None else v for s in settings.values() for k, v in s.items()}
-        accelerator.init_trackers("tensorboard", config=flat)
-
-    def trainer_state():
-        return {
-            "step": completed_steps,
-            "train_seconds": train_seconds,
-            "best_eval_accuracy": best_accuracy,
-            "history": history,
-            "num_skipped_images": skipped,
-            "schedule": schedule,
-        }
-
-    def refit_schedule(epoch_seconds, epoch_steps):
-        """After the first epoch: the steps that fit into what is left of the budget at the
-        speed the epoch ran at. The schedule changes only if the first estimate was off by
-        more than 2%; its warmup and decay then stretch or shrink from the current step on."""
-        nonlocal max_train_steps
-        measured = accelerator.reduce(torch.tensor([epoch_seconds / epoch_steps, train_seconds], device=accelerator.device), "mean")
-        seconds_per_step, elapsed = measured.tolist()
-        total = completed_steps + steps_that_fit(budget - elapsed, seconds_per_step) if elapsed < budget else completed_steps
-        schedule.update(refitted=True, epoch_seconds_per_step=seconds_per_step)
-        if abs(total - max_train_steps) > 0.02 * max_train_steps:
-            log(f"schedule re-fitted: {seconds_per_step * 1000:.1f} ms a step in the first epoch, so {total} steps in all, not {max_train_steps}")
-            max_train_steps = schedule["max_train_steps"] = total
-            scheduler.scheduler = make_scheduler(optimizer, train_cfg, total, accelerator.num_processes, completed_steps)
-            progress.total = total
-            progress.refresh()
-
-    batch_images = train_cfg["per_device_train_batch_size"] * accelerator.num_processes
-    checkpointing = train_cfg["checkpointing_steps"]
-    limit = train_cfg["checkpoints_total_limit"]
+        steps = train_cfg["max_train_steps"] or int(train_cfg["num_train_epochs"] * loop.steps_per_epoch)
+        return {"fitted": False, "max_train_steps": steps}, 0.0
+    if saved_state is not None and "schedule" in saved_state:
+        return saved_state["schedule"], 0.0
+    accelerator = loop.accelerator
+    seconds_per_step, probe_seconds = measure_seconds_per_step(probe_step, loop.model, loop.optimizer, loop.train_dataloader, accelerator)
+    seconds_per_step = accelerator.reduce(torch.tensor(seconds_per_step, device=accelerator.device), "mean").item()
+    total = steps_that_fit(budget - probe_seconds, seconds_per_step)
     log(
-        f"{len(splits['train'])} training images, {len(splits['validation'])} validation"
-        + (f", {len(splits['test'])} test" if "test" in splits else "")
-        + f"; {num_parameters:,} parameters; {max_train_steps} steps of {batch_images * accumulation} images"
+        f"schedule fitted to {budget / 60:g} min: {seconds_per_step * 1000:.1f} ms a step measured over 10 steps, so "
+        f"{total} steps ({total / loop.steps_per_epoch:.1f} epochs); re-fitted after the first epoch"
     )
-    eval_model = model if ema is None else ema.module
-    progress = tqdm(
-        total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train"
+    schedule = {"fitted": True, "max_train_steps": total, "first_fit_steps": total, "seconds_per_step": seconds_per_step, "refitted": False}
+    return schedule, probe_seconds
+
+
+def refit_schedule(loop: Loop, state: TrainerState, train_cfg, budget, epoch_seconds, epoch_steps, log):
+    """After the first epoch: the steps that fit into what is left of the budget at the
+    speed the epoch ran at. The schedule changes only if the first estimate was off by
+    more than 2%; its warmup and decay then stretch or shrink from the current step on."""
+    accelerator, schedule = loop.accelerator, state.schedule
+    measured = accelerator.reduce(torch.tensor([epoch_seconds / epoch_steps, state.train_seconds], device=accelerator.device), "mean")
+    seconds_per_step, elapsed = measured.tolist()
+    total = state.step + steps_that_fit(budget - elapsed, seconds_per_step) if elapsed < budget else state.step
+    schedule.update(refitted=True, epoch_seconds_per_step=seconds_per_step)
+    if abs(total - schedule["max_train_steps"]) > 0.02 * schedule["max_train_steps"]:
+        log(f"schedule re-fitted: {seconds_per_step * 1000:.1f} ms a step in the first epoch, so {total} steps in all, not {schedule['max_train_steps']}")
+        schedule["max_train_steps"] = total
+        loop.scheduler.scheduler = make_scheduler(loop.optimizer, train_cfg, total, accelerator.num_processes, state.step)
+        loop.progress.total = total
+        loop.progress.refresh()
+
+
+def resume(loop: Loop, resume_path, saved_state, log) -> TrainerState:
+    log(f"resuming from {resume_path}")
+    loop.accelerator.load_state(str(resume_path))
+    state = TrainerState(**{key: saved_state[key] for key in asdict(TrainerState()) if key in saved_state})
+    if loop.ema is not None:
+        if not (resume_path / EMA_FILE).is_file():
+            raise UserError(f"{resume_path} has no {EMA_FILE}: it was saved by a run without --ema_decay")
+        from safetensors.torch import load_file
+
+        loop.ema.load_state_dict(load_file(str(resume_path / EMA_FILE), device=str(loop.accelerator.device)))
+    return state
+
+
+def compute_loss(loop: Loop, batch, data, train_cfg):
+    """The training loss of a batch: cross-entropy with the (mixed, smoothed) labels, and
+    with a teacher, Hinton's soft-target term on its test-time-averaged logits."""
+    from cifar10_data import tta_logits
+    from modeling_hybrid_vit import classification_loss
+
+    pixel_values = batch["pixel_values"].contiguous(memory_format=loop.memory_format)
+    logits = loop.model(pixel_values=pixel_values).logits
+    loss = classification_loss(logits, batch["labels"], data["label_smoothing"])
+    if loop.teacher is not None:
+        with torch.no_grad(), loop.accelerator.autocast():
+            targets = tta_logits(loop.teacher, pixel_values, train_cfg["teacher_flip_tta"], train_cfg["teacher_tta_shift"])
+        alpha = train_cfg["distillation_alpha"]
+        loss = (1 - alpha) * loss + alpha * distillation_loss(logits, targets, train_cfg["distillation_temperature"])
+    return loss
+
+
+def probe_step(loop: Loop, batch, data, train_cfg):
+    """A full training step for measure_seconds_per_step, whose effects it undoes."""
+    loss = compute_loss(loop, {key: value for key, value in batch.items() if key != "num_skipped"}, data, train_cfg)
+    loop.accelerator.backward(loss)
+    if train_cfg["max_grad_norm"] > 0:
+        loop.accelerator.clip_grad_norm_(loop.model.parameters(), train_cfg["max_grad_norm"])
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+
+
+def stop_checks(loop: Loop, state: TrainerState, loss, max_seconds, elapsed, output_dir):
+    """Before an update: a non-finite loss stops the run without applying it; past the time
+    limit, this is the last step. Every process stops on the same step."""
+    accelerator = loop.accelerator
+    flags = torch.tensor(
+        [float(not torch.isfinite(loss.detach())), float(max_seconds is not None and elapsed >= max_seconds)],
+        device=accelerator.device,
     )
-    try:
-        time_up = False
-        run_images, run_seconds = 0, 0.0
-        for epoch in itertools.count(completed_steps // steps_per_epoch):
-            if completed_steps >= max_train_steps or time_up:
-                break
-            epoch_start_seconds, epoch_start_steps = train_seconds, completed_steps
-            train_dataloader.set_epoch(epoch)
-            train_augmentation.epoch = train_collator.epoch = epoch
-            skip = (completed_steps - epoch * steps_per_epoch) * accumulation
-            batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-            model.train()
-            tick = time.perf_counter()
-            for micro_step, batch in enumerate(batches, start=skip):
-                skipped_here = int(batch.pop("num_skipped"))
-                # Dropout and stochastic depth draw from a generator seeded by the step, not
-                # from a global RNG that DataLoader iterators and evaluations also consume:
-                # that is what lets a resumed run repeat the uninterrupted one exactly.
-                torch.manual_seed(cifar10_data.sample_seed(seed, epoch, micro_step, accelerator.process_index))
-                with accelerator.accumulate(model):
-                    loss = compute_loss(batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        elapsed = train_seconds + time.perf_counter() - tick
-                        flags = torch.tensor(
-                            [float(not torch.isfinite(loss.detach())), float(max_seconds is not None and elapsed >= max_seconds)],
-                            device=accelerator.device,
-                        )
-                        if accelerator.num_processes > 1:  # every process must stop on the same step
-                            flags = accelerator.reduce(flags, reduction="sum")
-                        if flags[0] > 0:
-                            last = list_checkpoints(output_dir)[0]
-                            raise TrainingError(
-                                f"the loss became {loss.item()} at step {completed_steps + 1}; stopped without updating. "
-                                f"Intact: the last checkpoint ({last[-1] if last else 'none'}) and the best model in "
-                                f"{output_dir} ({'none yet' if best_accuracy < 0 else f'accuracy {best_accuracy:.4f}'}). "
-                                "Try a lower --learning_rate or --mixed_precision no."
-                            )
-                        time_up = bool(flags[1] > 0)
-                        if train_cfg["max_grad_norm"] > 0:
-                            accelerator.clip_grad_norm_(model.parameters(), train_cfg["max_grad_norm"])
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                skipped += skipped_here
-                if not accelerator.sync_gradients:
-                    continue
-                completed_steps += 1
-                if ema is not None:
-                    ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
-                now = time.perf_counter()
-                train_seconds += now - tick
-                run_seconds += now - tick
-                run_images += batch_images * accumulation
-                progress.update(1)
-                if completed_steps % train_cfg["logging_steps"] == 0 or completed_steps == max_train_steps:
-                    lr = scheduler.get_last_lr()[0]
-                    loss_value = accelerator.reduce(loss.detach(), "mean").item()
-                    progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{run_images / max(run_seconds, 1e-9):.0f}")
-                    history.append({"step": completed_steps, "epoch": completed_steps / steps_per_epoch, "train_loss": loss_value, "learning_rate": lr})
-                    accelerator.log({"train/loss": loss_value, "train/learning_rate": lr}, step=completed_steps)
-                if isinstance(checkpointing, int) and completed_steps % checkpointing == 0:
-                    save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log, ema)
-                tick = time.perf_counter()
-                if completed_steps >= max_train_steps or time_up:
-                    break
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    if flags[0] > 0:
+        last = list_checkpoints(output_dir)[0]
+        raise UserError(
+            f"the loss became {loss.item()} at step {state.step + 1}; stopped without updating. "
+            f"Intact: the last checkpoint ({last[-1] if last else 'none'}) and the best model in "
+            f"{output_dir} ({'none yet' if state.best_eval_accuracy < 0 else f'accuracy {state.best_eval_accuracy:.4f}'}). "
+            "Try a lower --learning_rate or --mixed_precision no.",
+            exit_code=1,
+        )
+    return bool(flags[1] > 0)
 
-            if schedule["fitted"] and not schedule["refitted"] and not time_up and completed_steps < max_train_steps:
-                refit_schedule(train_seconds - epoch_start_seconds, max(completed_steps - epoch_start_steps, 1))
-            metrics = evaluate(eval_model, eval_dataloaders["validation"], accelerator)
-            entry = {"step": completed_steps, "epoch": completed_steps / steps_per_epoch, "train_seconds": train_seconds}
-            entry.update({f"eval_{k}": v for k, v in metrics.items()})
-            history.append(entry)
-            accelerator.log({"eval/accuracy": metrics["accuracy"], "eval/loss": metrics["loss"]}, step=completed_steps)
-            log(f"epoch {entry['epoch']:.2f}: validation accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
-            if metrics["accuracy"] > best_accuracy:
-                best_accuracy = metrics["accuracy"]
-                if accelerator.is_main_process:
-                    save_best_model(accelerator.unwrap_model(eval_model, keep_torch_compile=False), output_dir)
-                accelerator.wait_for_everyone()
-            if checkpointing == "epoch" or (time_up and checkpointing is not None):
-                save_checkpoint(accelerator, output_dir, completed_steps, trainer_state(), limit, log, ema)
-    finally:  # leave the bar finished, so an error message is the last line
-        progress.close()
 
-    # The folder holds the best model: evaluate that one, once, on test.
+def train_one_epoch(loop: Loop, state: TrainerState, epoch: int, data, train_cfg, max_seconds, log):
+    """One pass over the training batches (from where a resumed run stopped), with
+    logging, step checkpoints and the time limit."""
+    import cifar10_data
+
+    accelerator, seed = loop.accelerator, train_cfg["seed"]
+    accumulation = train_cfg["gradient_accumulation_steps"]
+    batch_images = train_cfg["per_device_train_batch_size"] * accelerator.num_processes * accumulation
+    loop.train_dataloader.set_epoch(epoch)
+    loop.train_augmentation.epoch = loop.train_collator.epoch = epoch
+    skip = (state.step - epoch * loop.steps_per_epoch) * accumulation
+    batches = accelerator.skip_first_batches(loop.train_dataloader, skip) if skip else loop.train_dataloader
+    total = state.schedule["max_train_steps"]
+    loop.model.train()
+    tick = time.perf_counter()
+    for micro_step, batch in enumerate(batches, start=skip):
+        skipped_here = int(batch.pop("num_skipped"))
+        # Dropout and stochastic depth draw from a generator seeded by the step, not from a
+        # global RNG that DataLoader iterators and evaluations also consume: that is what
+        # lets a resumed run repeat the uninterrupted one exactly.
+        torch.manual_seed(cifar10_data.sample_seed(seed, epoch, micro_step, accelerator.process_index))
+        with accelerator.accumulate(loop.model):
+            loss = compute_loss(loop, batch, data, train_cfg)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                elapsed = state.train_seconds + time.perf_counter() - tick
+                loop.time_up = stop_checks(loop, state, loss, max_seconds, elapsed, train_cfg["output_dir"])
+                if train_cfg["max_grad_norm"] > 0:
+                    accelerator.clip_grad_norm_(loop.model.parameters(), train_cfg["max_grad_norm"])
+            loop.optimizer.step()
+            loop.scheduler.step()
+            loop.optimizer.zero_grad(set_to_none=True)
+        state.num_skipped_images += skipped_here
+        if not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        if loop.ema is not None:
+            loop.ema.update_parameters(accelerator.unwrap_model(loop.model, keep_torch_compile=False))
+        now = time.perf_counter()
+        state.train_seconds += now - tick
+        loop.run_seconds += now - tick
+        loop.run_images += batch_images
+        loop.progress.update(1)
+        if state.step % train_cfg["logging_steps"] == 0 or state.step == total:
+            log_step(loop, state, loss)
+        if isinstance(train_cfg["checkpointing_steps"], int) and state.step % train_cfg["checkpointing_steps"] == 0:
+            save_checkpoint(accelerator, train_cfg["output_dir"], state.step, asdict(state), train_cfg["checkpoints_total_limit"], log, loop.ema)
+        tick = time.perf_counter()
+        if state.step >= total or loop.time_up:
+            break
+
+
+def log_step(loop: Loop, state: TrainerState, loss):
+    lr = loop.scheduler.get_last_lr()[0]
+    loss_value = loop.accelerator.reduce(loss.detach(), "mean").item()
+    speed = loop.run_images / max(loop.run_seconds, 1e-9)
+    loop.progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+    epoch = state.step / loop.steps_per_epoch
+    state.history.append({"step": state.step, "epoch": epoch, "train_loss": loss_value, "learning_rate": lr})
+    loop.accelerator.log({"train/loss": loss_value, "train/learning_rate": lr}, step=state.step)
+
+
+def end_of_epoch(loop: Loop, state: TrainerState, train_cfg, log):
+    """Validation accuracy; the best model so far saved as the output folder's Hub model."""
+    accelerator = loop.accelerator
+    metrics = evaluate(loop.eval_model, loop.eval_dataloaders["validation"], accelerator)
+    entry = {"step": state.step, "epoch": state.step / loop.steps_per_epoch, "train_seconds": state.train_seconds}
+    entry.update({f"eval_{k}": v for k, v in metrics.items()})
+    state.history.append(entry)
+    accelerator.log({"eval/accuracy": metrics["accuracy"], "eval/loss": metrics["loss"]}, step=state.step)
+    log(f"epoch {entry['epoch']:.2f}: validation accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+    if metrics["accuracy"] > state.best_eval_accuracy:
+        state.best_eval_accuracy = metrics["accuracy"]
+        if accelerator.is_main_process:
+            save_best_model(accelerator.unwrap_model(loop.eval_model, keep_torch_compile=False), train_cfg["output_dir"])
+        accelerator.wait_for_everyone()
+    checkpointing = train_cfg["checkpointing_steps"]
+    if checkpointing == "epoch" or (loop.time_up and checkpointing is not None):
+        save_checkpoint(accelerator, train_cfg["output_dir"], state.step, asdict(state), train_cfg["checkpoints_total_limit"], log, loop.ema)
+
+
+def finish(loop: Loop, state: TrainerState, settings, facts: dict, command: str, log) -> dict:
+    """Score the saved best model once on validation (with and without test-time
+    augmentation) and on test where there is one; write the results, the settings, the
+    log and the model card; push if asked."""
+    import run_folder
+
+    data, train_cfg = settings["data"], settings["training"]
+    accelerator, output_dir = loop.accelerator, train_cfg["output_dir"]
     from safetensors.torch import load_file
 
-    unwrapped = accelerator.unwrap_model(eval_model, keep_torch_compile=False)
+    unwrapped = accelerator.unwrap_model(loop.eval_model, keep_torch_compile=False)
     best_file = Path(output_dir) / "model.safetensors"
     if best_file.is_file():
         unwrapped.load_state_dict(load_file(best_file))
     elif accelerator.is_main_process:  # resumed at the very end, before any evaluation was saved
         save_best_model(unwrapped, output_dir)
-    best = evaluate(eval_model, eval_dataloaders["validation"], accelerator)
-    best_tta = evaluate(eval_model, eval_dataloaders["validation"], accelerator, flip_tta=True)
-    shift = data["tta_shift"]
-    best_shift_tta = evaluate(eval_model, eval_dataloaders["validation"], accelerator, flip_tta=True, tta_shift=shift) if shift else None
+    validation, shift = loop.eval_dataloaders["validation"], data["tta_shift"]
+    best = evaluate(loop.eval_model, validation, accelerator)
+    best_tta = evaluate(loop.eval_model, validation, accelerator, flip_tta=True)
+    best_shift_tta = evaluate(loop.eval_model, validation, accelerator, flip_tta=True, tta_shift=shift) if shift else None
     results = {
         "eval_accuracy": best["accuracy"],
         "eval_accuracy_flip_tta": best_tta["accuracy"],
@@ -1064,31 +884,28 @@ def train(settings: dict, command: str) -> dict:
         "eval_loss": best["loss"],
         "eval_samples": best["samples"],
         "test_accuracy": None,
-        "epochs": completed_steps / steps_per_epoch,
-        "steps": completed_steps,
-        "train_seconds": train_seconds,
-        "train_samples_per_second": run_images / max(run_seconds, 1e-9),
-        "stopped_by_time_limit": time_up,
+        "epochs": state.step / loop.steps_per_epoch,
+        "steps": state.step,
+        "train_seconds": state.train_seconds,
+        "train_samples_per_second": loop.run_images / max(loop.run_seconds, 1e-9),
+        "stopped_by_time_limit": loop.time_up,
+        "num_skipped_images": state.num_skipped_images,
         "max_train_minutes": train_cfg["max_train_minutes"],
-        "schedule_fitted_to_time": schedule["fitted"],
-        "max_train_steps": max_train_steps,
-        "schedule": schedule,
-        "sync_batchnorm": sync,
-        "mixed_precision": precision,
-        "mixed_precision_reason": precision_reason,
-        "num_skipped_images": skipped,
-        "num_parameters": num_parameters,
-        "hardware": hardware_description(accelerator),
+        "schedule_fitted_to_time": state.schedule["fitted"],
+        "max_train_steps": state.schedule["max_train_steps"],
+        "schedule": state.schedule,
+        **facts,
     }
-    if "test" in eval_dataloaders:
-        test = evaluate(eval_model, eval_dataloaders["test"], accelerator)
+    if "test" in loop.eval_dataloaders:
+        test = evaluate(loop.eval_model, loop.eval_dataloaders["test"], accelerator)
         results.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_samples=test["samples"])
     accelerator.end_training()
     if accelerator.is_main_process:
         out = Path(output_dir)
         (out / "all_results.json").write_text(json.dumps(results, indent=2))
         (out / "train_config.yaml").write_text(yaml.safe_dump(run_folder.public_settings(settings), sort_keys=False))
-        (out / "training_log.json").write_text(json.dumps(history, indent=2))
+        (out / "training_log.json").write_text(json.dumps(state.history, indent=2))
+        label_names = [unwrapped.config.id2label[i] for i in range(unwrapped.config.num_labels)]
         run_folder.write_model_card(output_dir, settings, results, command, label_names)
         log(
             f"validation accuracy {results['eval_accuracy']:.4f} ({results['eval_accuracy_flip_tta']:.4f} with flip TTA"
@@ -1102,24 +919,126 @@ def train(settings: dict, command: str) -> dict:
     return results
 
 
+def build_models(settings, splits, image_column, label_column, accelerator, facts, log):
+    """The model to train (with BatchNorm synchronised across processes) and the teacher, if
+    any, in the run's memory format."""
+    train_cfg = settings["training"]
+    model = build_model(settings, splits, image_column, label_column, log)
+    label_names, image_size = splits["train"].features[label_column].names, model.config.image_size
+    teacher = None
+    if train_cfg["teacher_model"] is not None:
+        teacher = load_teacher(train_cfg["teacher_model"], train_cfg, settings["model"]["attn_implementation"], label_names, image_size, log)
+    sync = accelerator.num_processes > 1 if train_cfg["sync_batchnorm"] == "auto" else train_cfg["sync_batchnorm"]
+    if sync:
+        model = synchronise_batchnorm(model, accelerator.device.type)
+        log(f"BatchNorm statistics synchronised over the {accelerator.num_processes} processes' batches")
+    facts.update(sync_batchnorm=sync, num_parameters=model.num_parameters(), hardware=hardware_description(accelerator))
+    memory_format = torch.channels_last if train_cfg["channels_last"] else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device, memory_format=memory_format)
+    return model, teacher, memory_format
+
+
+def prepare_loop(settings, model, teacher, memory_format, splits, image_column, label_column, accelerator) -> Loop:
+    """The data loaders, the optimiser and a weight average, prepared by Accelerate."""
+    data, train_cfg = settings["data"], settings["training"]
+    train_dataloader, eval_dataloaders, augmentation, collator, skipped = build_dataloaders(
+        data, train_cfg, splits, image_column, label_column, model.config.image_size, accelerator.device
+    )
+    optimizer = make_optimizer(model, train_cfg)
+    ema = make_ema(model, train_cfg, accelerator.device)
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    eval_dataloaders = {name: accelerator.prepare(loader) for name, loader in eval_dataloaders.items()}
+    steps_per_epoch = math.ceil(len(train_dataloader) / train_cfg["gradient_accumulation_steps"])
+    loop = Loop(accelerator, model, optimizer, None, train_dataloader, eval_dataloaders, augmentation, collator, ema,
+                teacher, memory_format, steps_per_epoch)
+    loop.skipped_at_decode = skipped
+    return loop
+
+
+def train(settings: dict, command: str) -> dict:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    data, train_cfg = settings["data"], settings["training"]
+    output_dir = train_cfg["output_dir"]
+
+    # 1. The accelerator, in a precision this hardware runs natively.
+    accelerator, log, report_to, facts = make_accelerator(train_cfg)
+    set_seed(train_cfg["seed"])
+
+    # 2. The data, the model (new, or fine-tuned from a saved one) and a teacher.
+    splits, image_column, label_column = load_data(data, train_cfg["seed"], accelerator)
+    model, teacher, memory_format = build_models(settings, splits, image_column, label_column, accelerator, facts, log)
+    resume_path = resolve_resume_path(train_cfg["resume_from_checkpoint"], output_dir, log)
+    if accelerator.is_main_process:
+        check_output_dir_writable(output_dir)
+    accelerator.wait_for_everyone()
+
+    # 3. The loaders, the optimiser (and a weight average), prepared.
+    loop = prepare_loop(settings, model, teacher, memory_format, splits, image_column, label_column, accelerator)
+
+    # 4. The schedule: fixed, or fitted to the time budget from the measured speed.
+    budget = None if train_cfg["max_train_minutes"] is None else 60 * float(train_cfg["max_train_minutes"])
+    saved_state = json.loads((resume_path / "trainer_state.json").read_text()) if resume_path is not None else None
+
+    probe = functools.partial(probe_step, loop, data=data, train_cfg=train_cfg)
+    schedule, probe_seconds = fit_schedule(loop, train_cfg, budget, saved_state, probe, log)
+    # A fixed schedule stops at the time limit; a fitted one ends there by itself, and is
+    # stopped only if the machine slows down by more than FITTED_TIME_LIMIT_FACTOR.
+    max_seconds = None if budget is None else budget * (FITTED_TIME_LIMIT_FACTOR if schedule["fitted"] else 1.0)
+    loop.scheduler = accelerator.prepare(make_scheduler(loop.optimizer, train_cfg, schedule["max_train_steps"], accelerator.num_processes))
+
+    # 5. Resume, exactly, from a checkpoint.
+    state = TrainerState(train_seconds=probe_seconds, num_skipped_images=loop.skipped_at_decode, schedule=schedule)
+    if resume_path is not None:
+        state = resume(loop, resume_path, saved_state, log)
+        state.schedule = schedule
+    if report_to != "none":
+        flat = {k: str(v) if isinstance(v, list) or v is None else v for s in settings.values() for k, v in s.items()}
+        accelerator.init_trackers("tensorboard", config=flat)
+    images = train_cfg["per_device_train_batch_size"] * accelerator.num_processes * train_cfg["gradient_accumulation_steps"]
+    log(
+        f"{len(splits['train'])} training images, {len(splits['validation'])} validation"
+        + (f", {len(splits['test'])} test" if "test" in splits else "")
+        + f"; {facts['num_parameters']:,} parameters; {schedule['max_train_steps']} steps of {images} images"
+    )
+
+    # 6. Train, an epoch at a time, each ending with a validation score.
+    loop.progress = tqdm(total=schedule["max_train_steps"], initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+    try:
+        for epoch in itertools.count(state.step // loop.steps_per_epoch):
+            if state.step >= schedule["max_train_steps"] or loop.time_up:
+                break
+            epoch_start = (state.train_seconds, state.step)
+            train_one_epoch(loop, state, epoch, data, train_cfg, max_seconds, log)
+            if schedule["fitted"] and not schedule["refitted"] and not loop.time_up and state.step < schedule["max_train_steps"]:
+                refit_schedule(loop, state, train_cfg, budget, state.train_seconds - epoch_start[0], max(state.step - epoch_start[1], 1), log)
+            end_of_epoch(loop, state, train_cfg, log)
+    finally:  # leave the bar finished, so an error message is the last line
+        loop.progress.close()
+
+    # 7. Finish: score the best model, write the folder.
+    return finish(loop, state, settings, facts, command, log)
+
+
 def one_line(error: Exception) -> str:
     """The user's message, also when a DataLoader worker re-raised it with its traceback."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     if len(lines) <= 1:
         return lines[0] if lines else type(error).__name__
-    return re.sub(r"^[\w.]*(DataError|SettingsError|TrainingError): ", "", lines[-1])
+    return re.sub(r"^[\w.]*UserError: ", "", lines[-1])
 
 
 def main(argv=None) -> int:
-    from cifar10_data import DataError
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         settings = load_settings(argv)
         train(settings, command="python run_train.py " + " ".join(argv))
-    except (SettingsError, DataError, TrainingError) as error:
+    except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
-        return 1 if isinstance(error, TrainingError) else 2
+        return getattr(error, "exit_code", 2)
     return 0
 
 

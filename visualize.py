@@ -2,6 +2,7 @@
 head and the mean attention distance of each head; the command line draws the first two
 for a few images, one row each.
 
+    python visualize.py          # the release checkpoint on the bundled examples -> attention.png
     python visualize.py --model outputs/hybrid-vit-cifar10 --dataset_name ../shared/data/cifar10 \
         --num_images 8 --output attention.png
     python visualize.py --model outputs/hybrid-vit-cifar10 --images cat.png dog.jpg --method heads [--layer 1]
@@ -9,7 +10,7 @@ for a few images, one row each.
 Every map is computed from `outputs.attentions`, the attention probabilities the model
 returns with `output_attentions=True` (one tensor per layer, (B, heads, T, T), token 0 the
 CLS token); nothing hooks into the model. The functions are imported by run_eval.py, the
-analysis notebook and the Gradio demo.
+analysis notebook and the Gradio demo; loading models and images is run_folder.py's.
 
 Figures are `matplotlib.figure.Figure` objects, not pyplot ones: PNGs are rendered by Agg
 whatever the environment, nothing is kept in pyplot's global state (a web app can make
@@ -18,8 +19,6 @@ many), and a notebook shows a returned figure inline.
 
 import argparse
 import math
-import os
-import random
 import sys
 from pathlib import Path
 
@@ -30,14 +29,15 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from PIL import Image
 
-METHODS = ("rollout", "cls", "heads")
+from run_folder import UserError, dataset_images, load_model, load_split, open_image, sample_indices
+
+METHODS = ("rollout", "relevance", "cls", "heads")
+PROJECT = Path(__file__).resolve().parent
+RELEASE = PROJECT / "checkpoints" / "hybrid-vit-cifar10"
+EXAMPLES = PROJECT / "assets" / "examples"
 DISPLAY_SIZE = 128  # pixels: 32x32 images are upsampled (bicubic) so a figure is legible
 COLORMAP = "inferno"
 CORRECT_COLOUR, WRONG_COLOUR = "#1a7f37", "#cf222e"
-
-
-class InputError(ValueError):
-    """A model, image or dataset the user must fix; the message is one line."""
 
 
 # ---------------------------------------------------------------------- attention maths
@@ -71,6 +71,38 @@ def rollout_map(attentions) -> torch.Tensor:
     g = grid_side(N)
     cls_row = cls_row / cls_row.amax(dim=-1, keepdim=True).clamp_min(1e-12)
     return cls_row.reshape(B, g, g)
+
+
+def gradient_relevance(attentions, gradients) -> torch.Tensor:
+    """Gradient-weighted attention relevance (Chefer, Gur & Wolf, ICCV 2021, eq. 5-6): start
+    from the identity and, layer by layer, R <- R + mean over heads of (grad A * A)^+ @ R,
+    where grad A is the gradient of the explained class's logit with respect to A. Unlike
+    rollout, it weighs each attention by how much it moved the decision, so a layer that
+    attends evenly but does not matter adds nothing. Returns (B, T, T)."""
+    relevance = None
+    for attention, gradient in zip(attentions, gradients):
+        A = (gradient.float() * attention.float()).clamp_min(0).mean(dim=1)  # (B, T, T)
+        if relevance is None:
+            relevance = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A).clone()
+        relevance = relevance + A @ relevance
+    return relevance
+
+
+def relevance_map(model, pixel_values: torch.Tensor, target=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient-weighted relevance of the patch tokens for the CLS token, as a (B, g, g)
+    map (max 1 per image), for class `target` ((B,) tensor; default: the predicted class),
+    and the logits. The gradients come from `outputs.attentions` through the model's one
+    explicit attention path (torch.autograd.grad), not from hooks."""
+    with torch.enable_grad():
+        outputs = model(pixel_values=pixel_values, output_attentions=True)
+        logits = outputs.logits.float()
+        target = logits.argmax(dim=-1) if target is None else torch.as_tensor(target, device=logits.device)
+        score = logits.gather(1, target.view(-1, 1)).sum()  # images are independent: one backward for the batch
+        gradients = torch.autograd.grad(score, outputs.attentions)
+    cls_row = gradient_relevance([a.detach() for a in outputs.attentions], gradients)[:, 0, 1:]  # (B, N)
+    B, N = cls_row.shape
+    g = grid_side(N)
+    return (cls_row / cls_row.amax(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(B, g, g), logits.detach()
 
 
 def cls_attention(attentions, layer: int = -1) -> torch.Tensor:
@@ -156,25 +188,7 @@ def overlay(image: Image.Image, heatmap: torch.Tensor, cmap: str = COLORMAP, alp
     return np.clip((1.0 - alpha) * pixels + alpha * colours, 0.0, 1.0)
 
 
-# ------------------------------------------------------------------ model and images
-
-
-def load_model(model: str):
-    """(model in eval mode, image processor) from a saved folder or a Hub id."""
-    looks_local = model.startswith((".", "/", "~")) or os.path.exists(model)
-    path = os.path.expanduser(model)
-    if looks_local and not os.path.isdir(path):
-        raise InputError(f"model folder not found: {model}")
-    if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"{model} is not a saved model folder (no config.json)")
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    try:
-        loaded = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)
-        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=True)
-    except OSError as error:  # an unknown Hub id, or the Hub unreachable offline
-        raise InputError(f"could not load model {model!r}: {str(error).strip().splitlines()[0]}") from error
-    return loaded.eval(), processor
+# ------------------------------------------------------------------------- images
 
 
 def predict(model, processor, images):
@@ -182,69 +196,6 @@ def predict(model, processor, images):
     inputs = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
     with torch.no_grad():
         return model(pixel_values=inputs["pixel_values"].to(model.device), output_attentions=True)
-
-
-def open_image(path) -> Image.Image:
-    if not Path(path).is_file():
-        raise InputError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot read image {path}: {error}") from error
-
-
-def train_settings(model_path) -> dict:
-    """The settings of the run that trained `model_path` (its train_config.yaml, as run_train.py
-    saves it); empty when there is none, as for a Hub model."""
-    config = Path(model_path) / "train_config.yaml"
-    if not config.is_file():
-        return {}
-    import yaml
-
-    return yaml.safe_load(config.read_text()) or {}
-
-
-def split_settings(model_path) -> tuple[float, int]:
-    """train_val_split and seed from the run's train_config.yaml, so the validation split
-    here is the one training held out; the training defaults when there is none."""
-    settings = train_settings(model_path)
-    return float(settings.get("data", {}).get("train_val_split", 0.1)), int(settings.get("training", {}).get("seed", 42))
-
-
-def load_split(model_path, dataset_name: str, split: str | None = None, max_samples: int | None = None):
-    """The evaluation split: `test` when the dataset has one, else the validation split that
-    training carved. Returns (dataset, image column, label column, split name)."""
-    import cifar10_data
-
-    train_val_split, seed = split_settings(model_path)
-    try:
-        splits, image_column, label_column = cifar10_data.load_splits(
-            dataset_name, train_val_split, seed, max_eval_samples=max_samples
-        )
-    except cifar10_data.DataError as error:
-        raise InputError(str(error)) from error
-    split = split or ("test" if "test" in splits else "validation")
-    if split not in splits:
-        raise InputError(f"dataset {dataset_name} has no split {split!r}; splits: {', '.join(splits)}")
-    dataset = splits[split]
-    if split == "train" and max_samples is not None:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
-    return dataset, image_column, label_column, split
-
-
-def dataset_images(dataset, image_column: str, label_column: str, indices) -> tuple[list[Image.Image], list[str]]:
-    """The RGB images at `indices` and their label names."""
-    from cifar10_data import decode_image
-
-    names = dataset.features[label_column].names
-    rows = [dataset[int(i)] for i in indices]
-    return [decode_image(row[image_column]) for row in rows], [names[row[label_column]] for row in rows]
-
-
-def sample_indices(size: int, num: int, seed: int) -> list[int]:
-    return random.Random(seed).sample(range(size), min(num, size))
 
 
 def display_image(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
@@ -261,8 +212,9 @@ def attention_figure(model, processor, images, true_labels=None, names=None, met
     `names`) and the prediction with its probability, then the attention rollout, the CLS
     attention of `layer` (counted from 1; default the last) averaged over heads, and that
     attention for each head.
-    `method` chooses the emphasis: `rollout` and `cls` draw that map over the image in the
-    second column, `heads` draws every head over it; the other maps show the raw token grid."""
+    `method` chooses the emphasis: `rollout`, `relevance` (gradient-weighted, Chefer et al.
+    2021, for the predicted class; an extra column) and `cls` draw that map over the image in
+    the second column, `heads` draws every head over it; the other maps show the raw token grid."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not images:
@@ -271,12 +223,16 @@ def attention_figure(model, processor, images, true_labels=None, names=None, met
         return fig
     outputs = predict(model, processor, images)
     probabilities = outputs.logits.float().softmax(dim=-1)
+    relevance = None
+    if method == "relevance":
+        pixel_values = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+        relevance = relevance_map(model, pixel_values.to(model.device))[0]  # (B, g, g), for the predicted class
     confidence, predicted = probabilities.max(dim=-1)
     rollout = rollout_map(outputs.attentions)  # (B, g, g)
     num_layers = len(outputs.attentions)
     layer = num_layers if layer is None else layer
     if not 1 <= layer <= num_layers:
-        raise InputError(f"layer must be between 1 and {num_layers} (this model's transformer layers), got {layer}")
+        raise UserError(f"layer must be between 1 and {num_layers} (this model's transformer layers), got {layer}")
     heads = cls_attention(outputs.attentions, layer - 1)  # (B, nh, g, g)
 
     panels = [  # (title, (B, g, g) maps, drawn over the image)
@@ -285,6 +241,8 @@ def attention_figure(model, processor, images, true_labels=None, names=None, met
     ]
     if method == "cls":
         panels.reverse()
+    if relevance is not None:
+        panels.insert(0, ("gradient relevance (predicted class)", relevance, True))
     panels += [(f"layer {layer} head {h + 1}", heads[:, h], method == "heads") for h in range(heads.shape[1])]
 
     B, ncols = len(images), 1 + len(panels)
@@ -307,6 +265,7 @@ def attention_figure(model, processor, images, true_labels=None, names=None, met
         ax.set_yticks([])
     emphasis = {
         "rollout": "Attention rollout from the CLS token drawn over the image",
+        "relevance": "Gradient-weighted attention relevance for the predicted class drawn over the image",
         "cls": f"Layer {layer}'s CLS attention (mean of heads) drawn over the image",
         "heads": f"Each head's CLS attention in layer {layer} drawn over the image",
     }[method]
@@ -366,14 +325,16 @@ def plot_cls_entropy(entropy: torch.Tensor, num_patches: int):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a saved model folder or a Hub id")
-    parser.add_argument("--images", nargs="+", help="image files; otherwise samples from --dataset_name")
-    parser.add_argument("--dataset_name", default="uoft-cs/cifar10", help="a Hub id or a local folder")
+    parser.add_argument("--model", default=str(RELEASE), help="a saved model folder or a Hub id (default: the release checkpoint)")
+    parser.add_argument("--images", nargs="+", help="image files (default: the bundled examples, assets/examples/*.png)")
+    parser.add_argument("--dataset_name", default=None,
+                        help="a Hub id (uoft-cs/cifar10) or a local folder to sample --num_images from, instead of --images")
     parser.add_argument("--split", default=None, help="default: test when the dataset has one, else validation")
     parser.add_argument("--num_images", type=int, default=8, help="images sampled from the dataset")
     parser.add_argument("--seed", type=int, default=0, help="which images are sampled")
     parser.add_argument("--method", choices=METHODS, default="rollout",
-                        help="what is drawn over the image: the rollout, --layer's CLS attention (mean of heads), or each head")
+                        help="what is drawn over the image: the rollout, the gradient-weighted relevance for the predicted class, "
+                             "--layer's CLS attention (mean of heads), or each head")
     parser.add_argument("--layer", type=int, default=None,
                         help="the transformer layer (from 1) whose CLS attention is drawn per head; default the last")
     parser.add_argument("--output", default="attention.png", help="PNG file to write")
@@ -389,12 +350,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         # Check the inputs before the slow model and dataset loading.
+        if args.images and args.dataset_name:
+            raise UserError("give --images or --dataset_name, not both")
         images = [open_image(path) for path in args.images] if args.images else None
         model, processor = load_model(args.model)
         if args.layer is not None and args.layer > model.config.num_hidden_layers:
-            raise InputError(f"--layer {args.layer}: {args.model} has {model.config.num_hidden_layers} transformer layers")
-        if images is not None:
-            true_labels, names = None, [Path(path).name for path in args.images]
+            raise UserError(f"--layer {args.layer}: {args.model} has {model.config.num_hidden_layers} transformer layers")
+        if args.dataset_name is None:
+            paths = args.images or sorted(str(path) for path in EXAMPLES.glob("*.png"))
+            images = images or [open_image(path) for path in paths]
+            true_labels, names = None, [Path(path).name for path in paths]
         else:
             dataset, image_column, label_column, split = load_split(args.model, args.dataset_name, args.split)
             indices = sample_indices(len(dataset), args.num_images, args.seed)
@@ -403,10 +368,10 @@ def main(argv=None) -> int:
         fig = attention_figure(model, processor, images, true_labels, names, args.method, args.layer)
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.output, dpi=110)
-    except InputError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}", file=sys.stderr)
+    print(f"wrote {Path(args.output).resolve()}", file=sys.stderr)
     return 0
 
 

@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from visualize import InputError, load_model, load_split, split_settings, train_settings  # noqa: E402
+from cifar10_data import CROP_FLIP, DecodedImages, image_augmentation, mix_collator  # noqa: E402
+from run_folder import UserError, load_model, load_split, split_settings, train_settings  # noqa: E402
 
 
 def average_state_dicts(state_dicts: list[dict], weights: list[float]) -> dict:
@@ -70,7 +71,7 @@ def recalibrate_batchnorm(model, batches) -> int:
 
 
 def check_compatible(names, models):
-    """Raise InputError unless every model has the first one's weights (names and shapes)
+    """Raise UserError unless every model has the first one's weights (names and shapes)
     and labels; warn when a model's run carved another validation split."""
     reference = {key: tuple(value.shape) for key, value in models[0].state_dict().items()}
     first_split = split_settings(names[0])
@@ -78,24 +79,24 @@ def check_compatible(names, models):
         shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
         if shapes != reference:
             differing = sorted(set(shapes.items()) ^ set(reference.items()))
-            raise InputError(f"{name} has another architecture than {names[0]} (first difference: {differing[0][0]})")
+            raise UserError(f"{name} has another architecture than {names[0]} (first difference: {differing[0][0]})")
         if model.config.id2label != models[0].config.id2label:
-            raise InputError(f"{name} predicts other labels than {names[0]}")
+            raise UserError(f"{name} predicts other labels than {names[0]}")
         split = split_settings(name)
         if split != first_split:
             print(f"warning: {name} was trained with another validation split (train_val_split, seed = {split}, "
                   f"not {first_split}); some of the validation images here may be its training images", file=sys.stderr)
 
 
-CROP_FLIP = {"random_crop_padding": 4, "horizontal_flip": True, "cutout_size": 0, "auto_augment": "none",
-             "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5}
+AUGMENTATION_KEYS = ("random_crop_padding", "horizontal_flip", "cutout_size", "auto_augment", "mixup_alpha", "cutmix_alpha",
+                     "mix_prob", "mix_switch_prob")
 
 
 def training_augmentation(model_path) -> dict:
     """The augmentation settings of the run that trained `model_path` (the data section of its
     train_config.yaml); random crop and flip alone, as in CROP_FLIP, for what it does not say."""
     data = train_settings(model_path).get("data", {})
-    return {key: type(default)(data[key]) if data.get(key) is not None else default for key, default in CROP_FLIP.items()}
+    return {key: type(CROP_FLIP[key])(data[key]) if data.get(key) is not None else CROP_FLIP[key] for key in AUGMENTATION_KEYS}
 
 
 def describe(augmentation: dict) -> str:
@@ -112,18 +113,9 @@ def describe(augmentation: dict) -> str:
 def training_batches(images, labels, batch_size: int, seed: int, augmentation: dict | None = None):
     """Normalised batches of the decoded training images, augmented as `augmentation` says
     (see training_augmentation; default CROP_FLIP), batch by batch as run_train does."""
-    import cifar10_data
-
     augmentation = augmentation or CROP_FLIP
-    dataset = cifar10_data.DecodedImages(
-        images, labels, train=True, seed=seed, random_crop_padding=augmentation["random_crop_padding"],
-        horizontal_flip=augmentation["horizontal_flip"], auto_augment=augmentation["auto_augment"],
-        cutout_size=augmentation["cutout_size"],
-    )
-    mix = cifar10_data.MixCollator(
-        int(labels.max()) + 1, augmentation["mixup_alpha"], augmentation["cutmix_alpha"], augmentation["mix_prob"],
-        augmentation["mix_switch_prob"], seed=seed,
-    )
+    dataset = DecodedImages(images, labels, train=True, seed=seed, **image_augmentation(augmentation))
+    mix = mix_collator(augmentation, int(labels.max()) + 1, seed=seed)
     for start in range(0, len(labels), batch_size):
         yield mix(dataset.__getitems__(list(range(start, min(start + batch_size, len(labels))))))["pixel_values"]
 
@@ -166,8 +158,8 @@ def main(argv=None) -> int:
         validation, image_column, label_column, _ = load_split(args.models[0], args.dataset_name, "validation",
                                                                args.max_eval_samples)
         if validation.features[label_column].names != [models[0].config.id2label[i] for i in range(len(models[0].config.id2label))]:
-            raise InputError(f"the dataset's classes differ from the labels of {args.models[0]}")
-    except InputError as error:
+            raise UserError(f"the dataset's classes differ from the labels of {args.models[0]}")
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -186,7 +178,7 @@ def main(argv=None) -> int:
     average.load_state_dict(average_state_dicts([model.state_dict() for model in models], weights))
     del models[1:], loaded
     bn_images = 0
-    augmentation = training_augmentation(args.models[0]) if args.bn_augmentation == "training" else dict(CROP_FLIP)
+    augmentation = training_augmentation(args.models[0]) if args.bn_augmentation == "training" else {key: CROP_FLIP[key] for key in AUGMENTATION_KEYS}
     if args.bn_images and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in average.modules()):
         train, *_ = load_split(args.models[0], args.dataset_name, "train", args.bn_images)
         images, labels, _ = cifar10_data.decode_all(train, image_column, label_column, average.config.image_size,

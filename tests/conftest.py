@@ -23,7 +23,6 @@ SHARED_CIFAR10 = PROJECT_ROOT.parent / "shared" / "data" / "cifar10"
 TINY_MODEL = dict(
     image_size=16,
     backbone_hidden_sizes=[8, 16],
-    patch_size=4,
     hidden_size=16,
     num_hidden_layers=2,
     num_attention_heads=2,

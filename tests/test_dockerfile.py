@@ -18,7 +18,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
-README = PROJECT_ROOT / "README.md"
+README = PROJECT_ROOT / "docs" / "deployment.md"  # the Docker instructions
 # `pip install .`, `pip install ".[demo]"` and the like: the command that installs the project.
 PROJECT_INSTALL = re.compile(r"pip install (?:--\S+ )*(\"\.(?:\[[\w,-]+\])?\"|\.(?:\[[\w,-]+\])?)(?=\s|$)")
 

@@ -290,7 +290,7 @@ def test_sync_batchnorm_is_a_setting_and_keeps_the_state_dict():
     settings = run_train.load_settings(["--sync_batchnorm", "false"])
     assert settings["training"]["sync_batchnorm"] is False
     assert run_train.load_settings([])["training"]["sync_batchnorm"] == "auto"
-    with pytest.raises(run_train.SettingsError, match="--sync_batchnorm must be auto, true or false"):
+    with pytest.raises(run_train.UserError, match="--sync_batchnorm must be auto, true or false"):
         run_train.load_settings(["--sync_batchnorm", "sometimes"])
     model = tiny(backbone_hidden_sizes=[8, 16])
     before = {k: v.clone() for k, v in model.state_dict().items()}

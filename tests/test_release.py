@@ -73,11 +73,11 @@ def test_release_scores_on_its_validation_split_what_its_card_says():
     """On the first 1,000 images of the validation split its training run carved (same seed
     and fraction), accuracy is within 3 points of the card's figure for all 5,000."""
     import run_eval
-    import visualize
+    import run_folder
 
     settings = yaml.safe_load((RELEASE / "train_config.yaml").read_text())
-    model, processor = visualize.load_model(str(RELEASE))
-    dataset, image_column, label_column, split = visualize.load_split(
+    model, processor = run_folder.load_model(str(RELEASE))
+    dataset, image_column, label_column, split = run_folder.load_split(
         str(RELEASE), str(SHARED_CIFAR10), split="validation", max_samples=1000
     )
     assert split == "validation" and settings["training"]["seed"] is not None

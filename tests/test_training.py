@@ -576,7 +576,7 @@ def test_push_to_hub_uploads_the_folder_with_its_card_and_without_checkpoints(tm
 
 
 def test_push_to_hub_needs_a_repository_id():
-    with pytest.raises(run_train.SettingsError, match="--hub_model_id must be set when --push_to_hub is true"):
+    with pytest.raises(run_train.UserError, match="--hub_model_id must be set when --push_to_hub is true"):
         run_train.load_settings(["--push_to_hub"])
 
 

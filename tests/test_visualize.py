@@ -15,6 +15,7 @@ from PIL import Image
 
 import cifar10_data
 import run_eval
+import run_folder
 import visualize
 from configuration_hybrid_vit import HybridViTConfig
 from modeling_hybrid_vit import HybridViTForImageClassification, save_model_and_processor
@@ -217,7 +218,7 @@ def test_a_flat_map_is_drawn_mid_colormap_and_labelled_uniform():
 
 
 def test_grayscale_and_rgba_images_are_predicted_as_rgb(model_dir):
-    model, processor = visualize.load_model(str(model_dir))
+    model, processor = run_folder.load_model(str(model_dir))
     rgb = Image.new("RGB", (16, 16), (90, 90, 90))
     images = [rgb.convert("L"), rgb.convert("RGBA"), rgb]
     outputs = visualize.predict(model, processor, images)
@@ -226,11 +227,12 @@ def test_grayscale_and_rgba_images_are_predicted_as_rgb(model_dir):
     torch.testing.assert_close(outputs.logits[1], outputs.logits[2])
     for method in visualize.METHODS:
         fig = visualize.attention_figure(model, processor, images, names=["gray", "rgba", "rgb"], method=method)
-        assert len(fig.axes) == 3 * (3 + TINY_MODEL["num_attention_heads"])
+        extra = method == "relevance"  # its own column, before the rollout
+        assert len(fig.axes) == 3 * (3 + extra + TINY_MODEL["num_attention_heads"])
 
 
 def test_the_figure_draws_the_heads_of_the_chosen_layer(model_dir, tmp_path, capsys):
-    model, processor = visualize.load_model(str(model_dir))
+    model, processor = run_folder.load_model(str(model_dir))
     image = Image.new("RGB", (16, 16), (90, 30, 200))
     layers = TINY_MODEL["num_hidden_layers"]
     for layer, expected in ((None, layers), (1, 1)):
@@ -238,7 +240,7 @@ def test_the_figure_draws_the_heads_of_the_chosen_layer(model_dir, tmp_path, cap
         titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
         assert f"layer {expected} head 1" in titles and f"layer {expected} CLS, mean of heads" in titles
         assert f"in layer {expected} drawn" in fig._suptitle.get_text()
-    with pytest.raises(visualize.InputError, match=f"layer must be between 1 and {layers}"):
+    with pytest.raises(run_folder.UserError, match=f"layer must be between 1 and {layers}"):
         visualize.attention_figure(model, processor, [image], names=["x"], layer=layers + 1)
     # On the command line: refused once the model is loaded, before any drawing; nothing written.
     image.save(tmp_path / "x.png")
@@ -255,29 +257,31 @@ def test_the_figure_draws_the_heads_of_the_chosen_layer(model_dir, tmp_path, cap
 
 def test_the_validation_split_is_the_one_training_carved(model_dir, data_dirs, tmp_path):
     with_test, train_only = data_dirs
-    dataset, _, label, split = visualize.load_split(model_dir, str(with_test))
+    dataset, _, label, split = run_folder.load_split(model_dir, str(with_test))
     assert split == "test" and len(dataset) == 9
-    dataset, _, label, split = visualize.load_split(model_dir, str(train_only))
+    dataset, _, label, split = run_folder.load_split(model_dir, str(train_only))
     assert split == "validation" and len(dataset) == 3  # 10% of 30, the training default
     # A run's train_config.yaml sets the fraction and the seed.
     (tmp_path / "train_config.yaml").write_text("data:\n  train_val_split: 0.2\ntraining:\n  seed: 7\n")
-    dataset, _, label, _ = visualize.load_split(tmp_path, str(train_only), "validation")
+    dataset, _, label, _ = run_folder.load_split(tmp_path, str(train_only), "validation")
     carved, _, _ = cifar10_data.load_splits(str(train_only), 0.2, 7)
     assert len(dataset) == 6 and dataset[label] == carved["validation"][label]
-    with pytest.raises(visualize.InputError, match="has no split 'test'"):
-        visualize.load_split(model_dir, str(train_only), "test")
+    with pytest.raises(run_folder.UserError, match="has no split 'test'"):
+        run_folder.load_split(model_dir, str(train_only), "test")
 
 
-def test_flip_tta_averages_the_softmax_of_the_image_and_its_mirror(model_dir, data_dirs):
-    model, processor = visualize.load_model(str(model_dir))
+def test_flip_tta_is_the_softmax_of_the_logits_averaged_with_the_mirrors(model_dir, data_dirs):
+    """One test-time augmentation for training and run_eval.py: logits averaged, then softmax."""
+    model, processor = run_folder.load_model(str(model_dir))
     dataset = cifar10_data.load_splits(str(data_dirs[0]))[0]["test"]
     labels, plain = run_eval.evaluate_model(model, processor, dataset, "img", "label", batch_size=4, progress=False)
     _, tta = run_eval.evaluate_model(model, processor, dataset, "img", "label", batch_size=4, tta=True, progress=False)
     pixels = processor(images=[image.convert("RGB") for image in dataset["img"]], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        flipped = model(pixel_values=pixels.flip(-1)).logits.softmax(-1)
+        logits, flipped = model(pixel_values=pixels).logits, model(pixel_values=pixels.flip(-1)).logits
     assert labels.tolist() == list(dataset["label"])
-    torch.testing.assert_close(tta, (plain + flipped) / 2)
+    torch.testing.assert_close(plain, logits.softmax(-1))
+    torch.testing.assert_close(tta, ((logits + flipped) / 2).softmax(-1))
     summary = run_eval.summarize(labels, tta, ["class_0", "class_1", "class_2"])
     assert sum(map(sum, summary["confusion_matrix"])) == 9
     assert summary["accuracy"] == pytest.approx(sum(summary["confusion_matrix"][i][i] for i in range(3)) / 9)
@@ -295,6 +299,7 @@ def test_visualize_writes_a_figure_for_each_method(model_dir, data_dirs, tmp_pat
         "rollout": ["--dataset_name", data_dirs[0], "--num_images", 3],  # the default split: test
         "cls": ["--dataset_name", data_dirs[1], "--num_images", 2, "--split", "validation", "--seed", 1],
         "heads": ["--images", *images],
+        "relevance": [],  # the bundled examples
     }
     outputs = {method: tmp_path / "figures" / f"{method}.png" for method in visualize.METHODS}
     results = run_scripts(
@@ -383,3 +388,35 @@ def test_the_notebook_runs_end_to_end_on_a_tiny_model(model_dir, data_dirs, env,
     assert not [output for output in outputs if output.output_type == "error"]
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     assert len(images) >= 7  # curves, confusion, per class, mistakes, 2 attention figures, distance, entropy
+
+
+def test_the_readme_notebook_command_runs_from_the_project_root(model_dir, data_dirs, env):
+    """`jupyter execute` (nbclient's, which .[dev] installs) from the project's root, with
+    MODEL_PATH and DATASET relative to that root, as the README gives them."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert "jupyter execute notebooks/attention_analysis.ipynb --output=attention_analysis_executed" in readme
+    name = f"test_{os.getpid()}_executed"
+    relative = {key: os.path.relpath(path, PROJECT_ROOT) for key, path in (("MODEL_PATH", model_dir), ("DATASET", data_dirs[0]))}
+    try:
+        result = subprocess.run(
+            ["jupyter", "execute", "notebooks/attention_analysis.ipynb", f"--output={name}"],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+            env={**env, **relative, "NUM_IMAGES": "2", "MAX_EVAL": "9", "LAYER": "1"},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        executed = nbformat.read(str(NOTEBOOK.parent / f"{name}.ipynb"), as_version=4)
+        outputs = [output for cell in executed.cells if cell.cell_type == "code" for output in cell.outputs]
+        assert not [output for output in outputs if output.output_type == "error"]
+        assert sum("image/png" in output.get("data", {}) for output in outputs) >= 7
+    finally:
+        (NOTEBOOK.parent / f"{name}.ipynb").unlink(missing_ok=True)
+
+
+def test_visualize_with_no_arguments_draws_the_release_on_the_bundled_examples(tmp_path, env):
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "visualize.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figure = tmp_path / "attention.png"
+    assert f"wrote {figure}" in result.stderr
+    with Image.open(figure) as image:
+        assert image.width > 500 and image.height > 500  # a row for each of the bundled examples
