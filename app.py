@@ -41,8 +41,8 @@ classifier reads gathers its information from: bright where the model looks most
 
 # What the overlay draws. The default is the map that measured most faithful on the release
 # checkpoint (docs/faithfulness.md: deletion and insertion curves, run_eval.py).
-METHODS = {"relevance": "Gradient-weighted attention relevance for the predicted class", "rollout": "Attention rollout"}
-DEFAULT_METHOD = "relevance"
+METHODS = {"rollout": "Attention rollout", "relevance": "Gradient-weighted attention relevance for the predicted class"}
+DEFAULT_METHOD = "rollout"
 
 
 def make_classifier(model, processor, method: str = DEFAULT_METHOD):

@@ -40,6 +40,9 @@ EMA_FILE = "ema.safetensors"
 # A schedule fitted to max_train_minutes ends at the budget; the run is stopped regardless
 # only if the machine then slows down this much (the last steps' learning rate is near 0).
 FITTED_TIME_LIMIT_FACTOR = 1.1
+# A fitted schedule is sized to this fraction of the budget: on the CPU, later epochs ran
+# 2-7% slower than the first one that the fit measures (docs/schedule.md).
+FIT_FRACTION = 0.95
 # Settings of the model section that change how a model trains or runs, not its weights:
 # they still apply when the weights (and the architecture) come from --model_name_or_path.
 RUNTIME_MODEL_SETTINGS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
@@ -687,7 +690,7 @@ def fit_schedule(loop: Loop, train_cfg, budget, saved_state, probe_step, log) ->
     accelerator = loop.accelerator
     seconds_per_step, probe_seconds = measure_seconds_per_step(probe_step, loop.model, loop.optimizer, loop.train_dataloader, accelerator)
     seconds_per_step = accelerator.reduce(torch.tensor(seconds_per_step, device=accelerator.device), "mean").item()
-    total = steps_that_fit(budget - probe_seconds, seconds_per_step)
+    total = steps_that_fit(FIT_FRACTION * budget - probe_seconds, seconds_per_step)
     log(
         f"schedule fitted to {budget / 60:g} min: {seconds_per_step * 1000:.1f} ms a step measured over 10 steps, so "
         f"{total} steps ({total / loop.steps_per_epoch:.1f} epochs); re-fitted after the first epoch"
@@ -703,7 +706,8 @@ def refit_schedule(loop: Loop, state: TrainerState, train_cfg, budget, epoch_sec
     accelerator, schedule = loop.accelerator, state.schedule
     measured = accelerator.reduce(torch.tensor([epoch_seconds / epoch_steps, state.train_seconds], device=accelerator.device), "mean")
     seconds_per_step, elapsed = measured.tolist()
-    total = state.step + steps_that_fit(budget - elapsed, seconds_per_step) if elapsed < budget else state.step
+    left = FIT_FRACTION * budget - elapsed
+    total = state.step + steps_that_fit(left, seconds_per_step) if left > 0 else state.step
     schedule.update(refitted=True, epoch_seconds_per_step=seconds_per_step)
     if abs(total - schedule["max_train_steps"]) > 0.02 * schedule["max_train_steps"]:
         log(f"schedule re-fitted: {seconds_per_step * 1000:.1f} ms a step in the first epoch, so {total} steps in all, not {schedule['max_train_steps']}")

@@ -266,7 +266,10 @@ report = {
     "running_var": torch.allclose(model[0].running_var, reference[0].running_var, atol=1e-5),
     "unsynchronised_mean_differs": not torch.allclose(batch[half].mean((0, 2, 3)), batch.mean((0, 2, 3)), atol=1e-3),
 }
-json.dump(report, open(sys.argv[1] + f"/rank{state.process_index}.json", "w"))
+with open(sys.argv[1] + f"/rank{state.process_index}.json", "w") as file:
+    json.dump(report, file)
+state.wait_for_everyone()
+torch.distributed.destroy_process_group()  # a clean exit: gloo aborts a process that leaves its group open
 """
 
 

@@ -80,6 +80,11 @@ class HybridViTConfig(PretrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal initialisation of linear layers,
             position embeddings and the CLS token.
+        logit_temperature (`float`, *optional*, defaults to 1.0):
+            The classifier's logits are divided by this (temperature scaling, Guo et al.
+            2017), so that softmax probabilities match how often the model is right. Set by
+            `run_eval.py --fit_temperature` on the validation split; it never changes which
+            class is predicted. Training starts from 1.
 
     Labels default to the ten CIFAR-10 classes; pass `id2label` / `label2id` (or
     `num_labels`) for another dataset.
@@ -107,6 +112,7 @@ class HybridViTConfig(PretrainedConfig):
         layer_norm_eps=1e-6,
         qkv_bias=True,
         initializer_range=0.02,
+        logit_temperature=1.0,
         **kwargs,
     ):
         if "id2label" not in kwargs and "num_labels" not in kwargs:
@@ -130,6 +136,7 @@ class HybridViTConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.qkv_bias = qkv_bias
         self.initializer_range = initializer_range
+        self.logit_temperature = logit_temperature
         super().__init__(**kwargs)
         self._validate_architecture()
 
@@ -171,6 +178,8 @@ class HybridViTConfig(PretrainedConfig):
             raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}")
         if not self.initializer_range > 0:
             raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}")
+        if isinstance(self.logit_temperature, bool) or not (isinstance(self.logit_temperature, (int, float)) and self.logit_temperature > 0):
+            raise ValueError(f"`logit_temperature` must be a positive number, got {self.logit_temperature!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "

@@ -358,7 +358,8 @@ class HybridViTForImageClassification(HybridViTPreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             return_dict=True,
         )
-        logits = self.classifier(self.dropout(outputs.pooler_output))  # (B, num_labels)
+        # Divided by the fitted temperature (1 until calibrated): argmax unchanged, softmax calibrated.
+        logits = self.classifier(self.dropout(outputs.pooler_output)) / self.config.logit_temperature  # (B, num_labels)
         loss = None if labels is None else self.loss(logits, labels)
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
