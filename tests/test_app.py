@@ -212,3 +212,12 @@ def test_page_shows_prediction_and_overlay_for_an_upload(demo_url, browser, clas
     overlay = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#rollout img")))
     wait.until(lambda driver: driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
     assert browser.execute_script("return arguments[0].naturalWidth", overlay) == app.OVERLAY_SIZE
+
+
+def test_the_demo_draws_the_chosen_map_rollout_by_default(model_folder):
+    model, processor = app.load_model(str(model_folder))
+    assert app.DEFAULT_METHOD == "rollout" and app.parse_args(["--model", "m"]).method == "rollout"
+    rollout = app.make_classifier(model, processor)(photo())
+    relevance = app.make_classifier(model, processor, "relevance")(photo())
+    assert rollout[0] == pytest.approx(relevance[0])  # the same prediction, another map
+    assert relevance[1].shape == rollout[1].shape and not np.array_equal(relevance[1], rollout[1])

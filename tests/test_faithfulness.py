@@ -167,3 +167,21 @@ def test_run_eval_fits_and_saves_a_temperature_on_validation_and_reports_faithfu
         assert lo <= f[name]["deletion_auc"] <= hi and 0 <= f[name]["insertion_auc"] <= 1
     assert f["average_map"]["of"] == f["most_faithful"]
     assert (out / "faithfulness.png").is_file() and (out / "reliability.png").is_file()
+
+
+def test_run_eval_skips_the_faithfulness_curves_when_asked(tmp_path, env, dataset_dir):
+    from modeling_hybrid_vit import save_model_and_processor
+
+    torch.manual_seed(0)
+    names = ["class_0", "class_1", "class_2"]
+    folder = tmp_path / "model"
+    save_model_and_processor(HybridViTForImageClassification(HybridViTConfig(
+        **TINY_MODEL, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})), folder)
+    out = tmp_path / "eval"
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "run_eval.py"), "--model", str(folder), "--dataset_name",
+                             str(dataset_dir), "--output_dir", str(out), "--faithfulness_images", "0"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert "faithfulness" not in results and not (out / "faithfulness.png").exists()
+    assert results["calibration"]["temperature"] == 1.0 and "ece_before" not in results["calibration"]
