@@ -157,8 +157,9 @@ def bf16_matmul_speedup(size: int = 256, repeats: int = 3) -> float:
     CPU has, not what PyTorch's kernels make of it. Costs well under a second either way."""
     def seconds(dtype, limit=None):
         a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        a @ b  # warm-up: the first call also generates (JIT-compiles) the kernel
         start = time.perf_counter()
-        a @ b  # warm-up; also the measurement when it is already far too slow
+        a @ b  # the measurement already, when it is far too slow
         best = time.perf_counter() - start
         if limit is not None and best > limit:
             return best
