@@ -8,7 +8,6 @@ are copied into every saved model folder and run under `trust_remote_code=True`,
 import only torch and transformers.
 """
 
-import math
 import os
 
 import torch

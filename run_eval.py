@@ -104,13 +104,13 @@ def plot_reliability(curves: dict, labels: torch.Tensor, bins: int = 15):
     return fig
 
 
-def calibrate(args, model, processor, dataset, image_column, label_column, split, out) -> dict:
-    """ECE of the model as saved; with --fit_temperature, fit a temperature on this split's
-    logits (the validation split only), save it in the model folder's config.json, and
-    report ECE before and after, with a reliability diagram."""
-    scaled = evaluate_model(model, processor, dataset, image_column, label_column, args.batch_size, logits=True, progress=False)
-    labels, logits = scaled[0], scaled[1] * model.config.logit_temperature  # undo the saved temperature
+def calibrate(args, model, labels, scaled_logits, split, out) -> dict:
+    """ECE of the model as saved, from its (temperature-divided) logits without test-time
+    augmentation; with --fit_temperature, fit a temperature on them (the validation split
+    only), save it in the model folder's config.json, and report ECE before and after, with
+    a reliability diagram."""
     saved = model.config.logit_temperature
+    logits = scaled_logits * saved  # undo the saved temperature
     result = {"temperature": saved, "ece": expected_calibration_error((logits / saved).softmax(-1), labels)}
     curves = {f"as saved (T = {saved:.3f})": (logits / saved).softmax(-1)}
     if args.fit_temperature:
@@ -340,7 +340,11 @@ def main(argv=None) -> int:
     if model_names != label_names:
         print(f"note: the model's labels {model_names} differ from the dataset's; using the dataset's", file=sys.stderr)
 
-    labels, probabilities = evaluate_model(model, processor, dataset, image_column, label_column, args.batch_size, args.tta,
+    # One pass gives the logits calibration needs; a second only when TTA changes them.
+    labels, logits = evaluate_model(model, processor, dataset, image_column, label_column, args.batch_size, logits=True)
+    probabilities = logits.softmax(dim=-1)
+    if args.tta:
+        _, probabilities = evaluate_model(model, processor, dataset, image_column, label_column, args.batch_size, True,
                                           tta_shift=args.tta_shift)
     results = {
         "model": args.model,
@@ -352,7 +356,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results["calibration"] = calibrate(args, model, processor, dataset, image_column, label_column, split, out)
+    results["calibration"] = calibrate(args, model, labels, logits, split, out)
     if args.faithfulness_images:
         results["faithfulness"] = faithfulness_of_maps(args, model, processor, dataset, image_column, label_column, out)
     (out / "eval_results.json").write_text(json.dumps(results, indent=2))

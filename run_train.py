@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from run_folder import UserError
-from training_settings import MIXED_PRECISION_CHOICES, load_settings  # noqa: F401 (load_settings: part of the API)
+from training_settings import load_settings  # noqa: F401 (run_train.load_settings: what benchmark.py and the tests call)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 INCOMPLETE_SUFFIX = ".incomplete"

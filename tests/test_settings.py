@@ -17,7 +17,7 @@ import training_settings
 from configuration_hybrid_vit import HybridViTConfig
 from modeling_hybrid_vit import HybridViTForImageClassification
 from run_folder import UserError
-from tests.conftest import PROJECT_ROOT, TINY_MODEL
+from tests.conftest import PROJECT_ROOT
 from tests.test_training import base_args, train
 
 
