@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         model, processor = load_model(args.model)
+        if not model.config.num_hidden_layers:
+            raise UserError(f"{args.model} has no transformer blocks (the backbone alone): the demo draws attention")
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -140,7 +140,7 @@ def time_calls(step, warmup: int, repeats: int, device) -> list[float]:
     return times
 
 
-def training_throughput(model, batches, optimizer, device, autocast_dtype, memory_format, warmup, repeats) -> float:
+def training_throughput(model, batches, optimizers, device, autocast_dtype, memory_format, warmup, repeats) -> float:
     """Images/s of full training steps; `batches()` yields each step's batch (from the
     pipeline, or the same batch over and over)."""
     import torch.nn.functional as F
@@ -156,8 +156,9 @@ def training_throughput(model, batches, optimizer, device, autocast_dtype, memor
             logits = model(pixel_values=x).logits
         loss = F.cross_entropy(logits.float(), labels)  # integer or MixUp/CutMix soft labels
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return x.shape[0]
 
     sizes = []
@@ -321,20 +322,20 @@ def main(argv=None):
 def measure(path, name, args, dataset_name, device, autocast_dtype, memory_format) -> dict:
     """One config's model: training images/s with its input pipeline and without, inference
     images/s and latency, FLOPs per image."""
-    from run_train import make_optimizer
+    from run_train import make_optimizers
 
     settings = load_run_settings(path)
     model = build_models(settings["model"])[name].to(device).to(memory_format=memory_format)
     image_size = settings["model"]["image_size"]
     train_flops = flops_per_image(model, image_size, device, train=True)
     # The step's optimiser is the run's (its learning rate does not change the speed).
-    optimizer = make_optimizer(model, settings["training"])
+    optimizers = make_optimizers(model, settings["training"])
     with_data = training_throughput(
         model, pipeline_batches(settings, args.batch_size, dataset_name, args.max_samples, device, model.config.num_labels),
-        optimizer, device, autocast_dtype, memory_format, args.warmup, args.repeats,
+        optimizers, device, autocast_dtype, memory_format, args.warmup, args.repeats,
     )
     model_only = training_throughput(
-        model, fixed_batches(args.batch_size, image_size, device), optimizer, device, autocast_dtype, memory_format,
+        model, fixed_batches(args.batch_size, image_size, device), optimizers, device, autocast_dtype, memory_format,
         args.warmup, args.repeats,
     )
     throughput, latency = inference(
@@ -344,7 +345,7 @@ def measure(path, name, args, dataset_name, device, autocast_dtype, memory_forma
         "config": path,
         "model": name,
         "attention": model.config._attn_implementation,
-        "optimizer": type(optimizer).__name__,
+        "optimizer": " + ".join(type(optimizer).__name__ for optimizer in optimizers),
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokens": (image_size // model.config.patch_size) ** 2,
         "forward_gflops_per_image": flops_per_image(model, image_size, device, train=False) / 1e9,

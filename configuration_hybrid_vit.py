@@ -60,7 +60,9 @@ class HybridViTConfig(PretrainedConfig):
         hidden_size (`int`, *optional*, defaults to 256):
             Width of the transformer encoder.
         num_hidden_layers (`int`, *optional*, defaults to 2):
-            Number of transformer blocks.
+            Number of transformer blocks. 0 leaves the backbone alone (with `pooling="mean"`):
+            global average pooling of its tokens, a layer norm and the linear head, the
+            baseline that shows what the transformer adds.
         num_attention_heads (`int`, *optional*, defaults to 4):
             Attention heads per block; must divide `hidden_size`.
         intermediate_size (`int`, *optional*, defaults to 512):
@@ -80,6 +82,9 @@ class HybridViTConfig(PretrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal initialisation of linear layers,
             position embeddings and the CLS token.
+        pooling (`str`, *optional*, defaults to `"cls"`):
+            What the classifier reads: `"cls"`, the CLS token (ViT), or `"mean"`, the mean of
+            the patch tokens (global average pooling).
         logit_temperature (`float`, *optional*, defaults to 1.0):
             The classifier's logits are divided by this (temperature scaling, Guo et al.
             2017), so that softmax probabilities match how often the model is right. Set by
@@ -112,6 +117,7 @@ class HybridViTConfig(PretrainedConfig):
         layer_norm_eps=1e-6,
         qkv_bias=True,
         initializer_range=0.02,
+        pooling="cls",
         logit_temperature=1.0,
         **kwargs,
     ):
@@ -136,6 +142,7 @@ class HybridViTConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.qkv_bias = qkv_bias
         self.initializer_range = initializer_range
+        self.pooling = pooling
         self.logit_temperature = logit_temperature
         super().__init__(**kwargs)
         self._validate_architecture()
@@ -152,7 +159,6 @@ class HybridViTConfig(PretrainedConfig):
             "backbone_layers_per_stage",
             "patch_size",
             "hidden_size",
-            "num_hidden_layers",
             "num_attention_heads",
             "intermediate_size",
         ):
@@ -180,6 +186,13 @@ class HybridViTConfig(PretrainedConfig):
             raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}")
         if isinstance(self.logit_temperature, bool) or not (isinstance(self.logit_temperature, (int, float)) and self.logit_temperature > 0):
             raise ValueError(f"`logit_temperature` must be a positive number, got {self.logit_temperature!r}")
+        layers = self.num_hidden_layers
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+            raise ValueError(f"`num_hidden_layers` must be 0 (the backbone alone) or a positive integer, got {layers!r}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"`pooling` must be 'cls' or 'mean', got {self.pooling!r}")
+        if layers == 0 and self.pooling != "mean":
+            raise ValueError("`num_hidden_layers` 0 needs `pooling` 'mean': with no blocks the CLS token sees no image")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "

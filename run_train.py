@@ -273,10 +273,10 @@ def synchronise_batchnorm(model: torch.nn.Module, device_type: str) -> torch.nn.
 # -------------------------------------------------------------------------- optimiser
 
 
-def parameter_groups(model, weight_decay):
+def parameter_groups(named_parameters, weight_decay):
     """Optimiser groups: no weight decay on norms, biases, position embeddings or the CLS token."""
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for name, parameter in named_parameters:
         if not parameter.requires_grad:
             continue
         exempt = parameter.ndim <= 1 or name.endswith(("position_embeddings", "cls_token"))
@@ -284,13 +284,42 @@ def parameter_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
+def model_parts(model) -> dict:
+    """The model's parameters by part: "backbone" (the whitening layer's bias, the
+    convolutions and their BatchNorms: scale-invariant, the part SGD trains well) and
+    "transformer" (the token projection, CLS token, position embeddings, blocks, final norm
+    and head), as (name, parameter) lists."""
+    base = getattr(model, model.base_model_prefix, model)
+    embeddings = base.embeddings
+    in_backbone = {id(p) for module in (embeddings.whitening, embeddings.backbone) if module is not None for p in module.parameters()}
+    parts = {"backbone": [], "transformer": []}
+    for name, parameter in model.named_parameters():
+        parts["backbone" if id(parameter) in in_backbone else "transformer"].append((name, parameter))
+    return parts
+
+
+def build_optimizer(kind, named_parameters, learning_rate, weight_decay, train_cfg) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay), or SGD with Nesterov momentum as airbench trains its
     CNN (weight decay added to the gradient, so it wants values like 5e-4, not 0.05)."""
-    groups = parameter_groups(model, train_cfg["weight_decay"])
-    if train_cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=train_cfg["learning_rate"], momentum=train_cfg["sgd_momentum"], nesterov=True)
-    return torch.optim.AdamW(groups, lr=train_cfg["learning_rate"], betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]))
+    groups = parameter_groups(named_parameters, weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=train_cfg["sgd_momentum"], nesterov=True)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]))
+
+
+def make_optimizers(model, train_cfg) -> list[torch.optim.Optimizer]:
+    """One optimiser for the whole model (optimizer, learning_rate, weight_decay), or, with
+    transformer_optimizer set, one for each part: the backbone with the first three
+    settings, the transformer with transformer_optimizer, transformer_learning_rate and
+    transformer_weight_decay. Each gets its own scheduler of the same shape."""
+    if train_cfg.get("transformer_optimizer") is None:
+        return [build_optimizer(train_cfg["optimizer"], model.named_parameters(), train_cfg["learning_rate"], train_cfg["weight_decay"], train_cfg)]
+    parts = model_parts(model)
+    return [
+        build_optimizer(train_cfg["optimizer"], parts["backbone"], train_cfg["learning_rate"], train_cfg["weight_decay"], train_cfg),
+        build_optimizer(train_cfg["transformer_optimizer"], parts["transformer"], train_cfg["transformer_learning_rate"],
+                        train_cfg["transformer_weight_decay"], train_cfg),
+    ]
 
 
 def make_ema(model, train_cfg, device):
@@ -329,7 +358,7 @@ def steps_that_fit(seconds_left: float, seconds_per_step: float) -> int:
     return max(1, int(seconds_left / max(seconds_per_step, 1e-9)))
 
 
-def measure_seconds_per_step(training_step, model, optimizer, dataloader, accelerator, warmup=3, timed=10) -> tuple[float, float]:
+def measure_seconds_per_step(training_step, model, optimizers, dataloader, accelerator, warmup=3, timed=10) -> tuple[float, float]:
     """Seconds per optimisation step of this run's own training step on its own batches,
     timed over `timed` steps after `warmup` (first-call costs: allocation, autotuning,
     compilation), and the seconds the whole probe took. The probe's updates are undone
@@ -340,7 +369,7 @@ def measure_seconds_per_step(training_step, model, optimizer, dataloader, accele
 
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     saved_model = copy.deepcopy(unwrapped.state_dict())
-    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    saved_optimizers = [copy.deepcopy(optimizer.state_dict()) for optimizer in optimizers]
     scaler = getattr(accelerator, "scaler", None)
     saved_scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
 
@@ -364,8 +393,9 @@ def measure_seconds_per_step(training_step, model, optimizer, dataloader, accele
         sync()
         seconds_per_step = (time.perf_counter() - timed_start) / timed * accelerator.gradient_accumulation_steps
     unwrapped.load_state_dict(saved_model)
-    optimizer.load_state_dict(saved_optimizer)
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer, saved in zip(optimizers, saved_optimizers):
+        optimizer.load_state_dict(saved)
+        optimizer.zero_grad(set_to_none=True)
     if saved_scaler is not None:
         scaler.load_state_dict(saved_scaler)
     return seconds_per_step, time.perf_counter() - start
@@ -550,8 +580,8 @@ class Loop:
 
     accelerator: object
     model: object
-    optimizer: object
-    scheduler: object
+    optimizers: list  # one, or the backbone's and the transformer's (transformer_optimizer)
+    schedulers: list  # one per optimiser
     train_dataloader: object
     eval_dataloaders: dict
     train_augmentation: object
@@ -689,7 +719,7 @@ def fit_schedule(loop: Loop, train_cfg, budget, saved_state, probe_step, log) ->
     if saved_state is not None and "schedule" in saved_state:
         return saved_state["schedule"], 0.0
     accelerator = loop.accelerator
-    seconds_per_step, probe_seconds = measure_seconds_per_step(probe_step, loop.model, loop.optimizer, loop.train_dataloader, accelerator)
+    seconds_per_step, probe_seconds = measure_seconds_per_step(probe_step, loop.model, loop.optimizers, loop.train_dataloader, accelerator)
     seconds_per_step = accelerator.reduce(torch.tensor(seconds_per_step, device=accelerator.device), "mean").item()
     total = steps_that_fit(FIT_FRACTION * budget - probe_seconds, seconds_per_step)
     log(
@@ -713,7 +743,8 @@ def refit_schedule(loop: Loop, state: TrainerState, train_cfg, budget, epoch_sec
     if abs(total - schedule["max_train_steps"]) > 0.02 * schedule["max_train_steps"]:
         log(f"schedule re-fitted: {seconds_per_step * 1000:.1f} ms a step in the first epoch, so {total} steps in all, not {schedule['max_train_steps']}")
         schedule["max_train_steps"] = total
-        loop.scheduler.scheduler = make_scheduler(loop.optimizer, train_cfg, total, accelerator.num_processes, state.step)
+        for optimizer, scheduler in zip(loop.optimizers, loop.schedulers):
+            scheduler.scheduler = make_scheduler(optimizer, train_cfg, total, accelerator.num_processes, state.step)
         loop.progress.total = total
         loop.progress.refresh()
 
@@ -754,8 +785,9 @@ def probe_step(loop: Loop, batch, data, train_cfg):
     loop.accelerator.backward(loss)
     if train_cfg["max_grad_norm"] > 0:
         loop.accelerator.clip_grad_norm_(loop.model.parameters(), train_cfg["max_grad_norm"])
-    loop.optimizer.step()
-    loop.optimizer.zero_grad(set_to_none=True)
+    for optimizer in loop.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def stop_checks(loop: Loop, state: TrainerState, loss, max_seconds, elapsed, output_dir):
@@ -809,9 +841,10 @@ def train_one_epoch(loop: Loop, state: TrainerState, epoch: int, data, train_cfg
                 loop.time_up = stop_checks(loop, state, loss, max_seconds, elapsed, train_cfg["output_dir"])
                 if train_cfg["max_grad_norm"] > 0:
                     accelerator.clip_grad_norm_(loop.model.parameters(), train_cfg["max_grad_norm"])
-            loop.optimizer.step()
-            loop.scheduler.step()
-            loop.optimizer.zero_grad(set_to_none=True)
+            for optimizer, scheduler in zip(loop.optimizers, loop.schedulers):
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
         state.num_skipped_images += skipped_here
         if not accelerator.sync_gradients:
             continue
@@ -833,13 +866,16 @@ def train_one_epoch(loop: Loop, state: TrainerState, epoch: int, data, train_cfg
 
 
 def log_step(loop: Loop, state: TrainerState, loss):
-    lr = loop.scheduler.get_last_lr()[0]
+    """The loss and learning rate (with two optimisers, the backbone's and the transformer's)."""
+    rates = {"learning_rate": loop.schedulers[0].get_last_lr()[0]}
+    if len(loop.schedulers) > 1:
+        rates["transformer_learning_rate"] = loop.schedulers[1].get_last_lr()[0]
     loss_value = loop.accelerator.reduce(loss.detach(), "mean").item()
     speed = loop.run_images / max(loop.run_seconds, 1e-9)
-    loop.progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+    loop.progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{rates['learning_rate']:.2e}", img_s=f"{speed:.0f}")
     epoch = state.step / loop.steps_per_epoch
-    state.history.append({"step": state.step, "epoch": epoch, "train_loss": loss_value, "learning_rate": lr})
-    loop.accelerator.log({"train/loss": loss_value, "train/learning_rate": lr}, step=state.step)
+    state.history.append({"step": state.step, "epoch": epoch, "train_loss": loss_value, **rates})
+    loop.accelerator.log({"train/loss": loss_value, **{f"train/{key}": value for key, value in rates.items()}}, step=state.step)
 
 
 def end_of_epoch(loop: Loop, state: TrainerState, train_cfg, log):
@@ -951,12 +987,12 @@ def prepare_loop(settings, model, teacher, memory_format, splits, image_column, 
     train_dataloader, eval_dataloaders, augmentation, collator, skipped = build_dataloaders(
         data, train_cfg, splits, image_column, label_column, model.config.image_size, accelerator.device
     )
-    optimizer = make_optimizer(model, train_cfg)
+    optimizers = make_optimizers(model, train_cfg)
     ema = make_ema(model, train_cfg, accelerator.device)
-    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    model, train_dataloader, *optimizers = accelerator.prepare(model, train_dataloader, *optimizers)
     eval_dataloaders = {name: accelerator.prepare(loader) for name, loader in eval_dataloaders.items()}
     steps_per_epoch = math.ceil(len(train_dataloader) / train_cfg["gradient_accumulation_steps"])
-    loop = Loop(accelerator, model, optimizer, None, train_dataloader, eval_dataloaders, augmentation, collator, ema,
+    loop = Loop(accelerator, model, optimizers, [], train_dataloader, eval_dataloaders, augmentation, collator, ema,
                 teacher, memory_format, steps_per_epoch)
     loop.skipped_at_decode = skipped
     return loop
@@ -993,7 +1029,10 @@ def train(settings: dict, command: str) -> dict:
     # A fixed schedule stops at the time limit; a fitted one ends there by itself, and is
     # stopped only if the machine slows down by more than FITTED_TIME_LIMIT_FACTOR.
     max_seconds = None if budget is None else budget * (FITTED_TIME_LIMIT_FACTOR if schedule["fitted"] else 1.0)
-    loop.scheduler = accelerator.prepare(make_scheduler(loop.optimizer, train_cfg, schedule["max_train_steps"], accelerator.num_processes))
+    loop.schedulers = [
+        accelerator.prepare(make_scheduler(optimizer, train_cfg, schedule["max_train_steps"], accelerator.num_processes))
+        for optimizer in loop.optimizers
+    ]
 
     # 5. Resume, exactly, from a checkpoint.
     state = TrainerState(train_seconds=probe_seconds, num_skipped_images=loop.skipped_at_decode, schedule=schedule)

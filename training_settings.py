@@ -43,7 +43,7 @@ class ModelSettings:
     backbone_pool_first: bool = meaning("pool right after a stage's first convolution (airbench's block), not at its end")
     backbone_whitening_size: int = meaning("k > 0: a frozen k x k patch-whitening convolution first, fitted to training images; 0: none")
     hidden_size: int = meaning("width of the transformer's tokens")
-    num_hidden_layers: int = meaning("transformer blocks")
+    num_hidden_layers: int = meaning("transformer blocks; 0: the backbone alone (with pooling mean), the no-transformer baseline")
     num_attention_heads: int = meaning("attention heads per block (hidden_size must divide by it)")
     intermediate_size: int = meaning("width of each block's MLP")
     hidden_act: str = meaning("activation of the backbone and the MLPs (a transformers ACT2FN name)")
@@ -53,6 +53,7 @@ class ModelSettings:
     layer_norm_eps: float = meaning("epsilon of the LayerNorms")
     qkv_bias: bool = meaning("biases in the query, key and value projections")
     initializer_range: float = meaning("standard deviation of the truncated-normal initialisation of linear layers")
+    pooling: str = meaning("cls | mean: the classifier reads the CLS token, or the mean of the patch tokens")
     attn_implementation: str = meaning("sdpa | eager: the same numbers; on a CPU with few tokens the explicit softmax is "
                                        "faster. A run-time choice, not saved in config.json")
 
@@ -109,7 +110,13 @@ class TrainingSettings:
     learning_rate: float = meaning("peak learning rate, after warmup (SGD: about 0.1; AdamW: about 1e-3)")
     weight_decay: float = meaning("not applied to norms, biases, position embeddings or the CLS token "
                                   "(SGD: coupled, e.g. 1e-3; AdamW: decoupled, e.g. 0.05)")
-    optimizer: str = meaning("adamw | sgd (Nesterov momentum)")
+    optimizer: str = meaning("adamw | sgd (Nesterov momentum): the backbone's optimiser, and the whole model's "
+                             "when transformer_optimizer is null")
+    transformer_optimizer: Optional[str] = meaning("adamw | sgd: the transformer part (token projection, CLS token, "
+                                                   "position embeddings, blocks, head) gets its own optimiser; null: "
+                                                   "one optimiser for the whole model")
+    transformer_learning_rate: Optional[float] = meaning("the transformer optimiser's peak learning rate (AdamW: about 1e-3)")
+    transformer_weight_decay: Optional[float] = meaning("the transformer optimiser's weight decay (AdamW: decoupled, e.g. 0.05)")
     adam_beta1: float = meaning("AdamW's beta1")
     adam_beta2: float = meaning("AdamW's beta2")
     sgd_momentum: float = meaning("SGD's Nesterov momentum")
@@ -344,6 +351,12 @@ def validate_training(train: dict, size: int):
     _check(train["learning_rate"] > 0, "learning_rate", "> 0", train["learning_rate"])
     _check(train["weight_decay"] >= 0, "weight_decay", ">= 0", train["weight_decay"])
     _check(train["optimizer"] in ("adamw", "sgd"), "optimizer", "adamw or sgd", train["optimizer"])
+    part = train["transformer_optimizer"]
+    _check(part in (None, "adamw", "sgd"), "transformer_optimizer", "adamw, sgd or null", part)
+    if part is not None:
+        rate, decay = train["transformer_learning_rate"], train["transformer_weight_decay"]
+        _check(rate is not None and rate > 0, "transformer_learning_rate", "> 0 when --transformer_optimizer is set", rate)
+        _check(decay is not None and decay >= 0, "transformer_weight_decay", ">= 0 when --transformer_optimizer is set", decay)
     for key in ("adam_beta1", "adam_beta2", "sgd_momentum", "warmup_ratio"):
         _check(0 <= train[key] < 1, key, "in [0, 1)", train[key])
     _check(train["max_grad_norm"] >= 0, "max_grad_norm", ">= 0", train["max_grad_norm"])

@@ -354,6 +354,8 @@ def main(argv=None) -> int:
             raise UserError("give --images or --dataset_name, not both")
         images = [open_image(path) for path in args.images] if args.images else None
         model, processor = load_model(args.model)
+        if not model.config.num_hidden_layers:
+            raise UserError(f"{args.model} has no transformer blocks (the backbone alone): it has no attention to draw")
         if args.layer is not None and args.layer > model.config.num_hidden_layers:
             raise UserError(f"--layer {args.layer}: {args.model} has {model.config.num_hidden_layers} transformer layers")
         if args.dataset_name is None:

@@ -187,15 +187,15 @@ def test_sgd_is_nesterov_without_decay_on_norms_and_its_momentum_resumes_exactly
     from modeling_hybrid_vit import HybridViTConfig, HybridViTForImageClassification
 
     model = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, num_labels=3))
-    settings = {"optimizer": "sgd", "learning_rate": 0.1, "weight_decay": 5e-4, "sgd_momentum": 0.85}
-    optimizer = run_train.make_optimizer(model, settings)
+    settings = {"optimizer": "sgd", "learning_rate": 0.1, "weight_decay": 5e-4, "sgd_momentum": 0.85, "transformer_optimizer": None}
+    [optimizer] = run_train.make_optimizers(model, settings)
     assert isinstance(optimizer, torch.optim.SGD)
     assert all(g["nesterov"] and g["momentum"] == 0.85 and g["lr"] == 0.1 for g in optimizer.param_groups)
     decayed, exempt = optimizer.param_groups
     assert decayed["weight_decay"] == 5e-4 and exempt["weight_decay"] == 0.0
     assert any(p is model.classifier.weight for p in decayed["params"])
     assert any(p is model.classifier.bias for p in exempt["params"])
-    adamw = run_train.make_optimizer(model, {**settings, "optimizer": "adamw", "adam_beta1": 0.9, "adam_beta2": 0.99})
+    [adamw] = run_train.make_optimizers(model, {**settings, "optimizer": "adamw", "adam_beta1": 0.9, "adam_beta2": 0.99})
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["betas"] == (0.9, 0.99)
 
     # The momentum buffers are part of the checkpoint: 6 steps straight equal 3 plus a resume.
@@ -205,6 +205,39 @@ def test_sgd_is_nesterov_without_decay_on_norms_and_its_momentum_resumes_exactly
     final = weights(straight / "checkpoints/step_6")
     assert_same_weights(weights(resumed / "checkpoints/step_6"), final)
     assert not torch.equal(weights(straight / "checkpoints/step_3")["classifier.weight"], final["classifier.weight"])
+
+
+def test_each_part_gets_its_own_optimiser_and_both_resume_exactly(dataset_dir, tmp_path, env):
+    """transformer_optimizer splits the model in two: SGD for the convolutions and their
+    BatchNorms, AdamW for everything from the token projection on, each with its own
+    learning rate, decay and scheduler; both optimisers' states are checkpointed."""
+    model = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, backbone_whitening_size=2, num_labels=3))
+    settings = {"optimizer": "sgd", "learning_rate": 0.2, "weight_decay": 1e-3, "sgd_momentum": 0.9,
+                "transformer_optimizer": "adamw", "transformer_learning_rate": 1e-3, "transformer_weight_decay": 0.05,
+                "adam_beta1": 0.9, "adam_beta2": 0.99}
+    backbone, transformer = run_train.make_optimizers(model, settings)
+    assert isinstance(backbone, torch.optim.SGD) and isinstance(transformer, torch.optim.AdamW)
+    owned = {id(p): name for name, p in model.named_parameters()}
+    backbone_names = {owned[id(p)] for g in backbone.param_groups for p in g["params"]}
+    transformer_names = {owned[id(p)] for g in transformer.param_groups for p in g["params"]}
+    assert not backbone_names & transformer_names and backbone_names | transformer_names == set(owned.values())
+    assert all(".embeddings.backbone." in n or ".embeddings.whitening." in n for n in backbone_names)
+    assert {"classifier.weight", "hybrid_vit.embeddings.to_tokens.weight", "hybrid_vit.embeddings.cls_token"} <= transformer_names
+    assert [g["lr"] for g in backbone.param_groups] == [0.2, 0.2] and [g["lr"] for g in transformer.param_groups] == [1e-3, 1e-3]
+    assert [g["weight_decay"] for g in transformer.param_groups] == [0.05, 0.0]
+    exempt = {owned[id(p)] for p in transformer.param_groups[1]["params"]}
+    assert {"hybrid_vit.embeddings.cls_token", "hybrid_vit.embeddings.position_embeddings", "classifier.bias"} <= exempt
+
+    args = ["--optimizer=sgd", "--learning_rate=0.05", "--weight_decay=5e-4", "--transformer_optimizer=adamw",
+            "--transformer_learning_rate=2e-3", "--transformer_weight_decay=0.05", "--max_train_steps=6",
+            "--checkpointing_steps=3", "--checkpoints_total_limit=null", "--per_device_train_batch_size=5"]
+    straight, resumed, _ = straight_then_resumed(dataset_dir, tmp_path, env, args, from_step=3)
+    assert {"optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin"} <= {p.name for p in (straight / "checkpoints/step_3").iterdir()}
+    final = weights(straight / "checkpoints/step_6")
+    assert_same_weights(weights(resumed / "checkpoints/step_6"), final)
+    log = json.loads((straight / "training_log.json").read_text())
+    rates = [entry for entry in log if "train_loss" in entry]
+    assert rates and all(entry["learning_rate"] == pytest.approx(25 * entry["transformer_learning_rate"]) for entry in rates)
 
 
 def test_torch_compile_trains_and_saves_plain_weights(dataset_dir, tmp_path, env):
@@ -328,6 +361,10 @@ def test_settings_override_and_layer(tmp_path):
         (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1) or null, got 1.5"),
         (["--tta_shift", "16"], "--tta_shift must be an integer in [0, 16), got 16"),  # the tiny model's images are 16x16
         (["--optimizer", "lion"], "--optimizer must be adamw or sgd, got 'lion'"),
+        (["--transformer_optimizer", "muon"], "--transformer_optimizer must be adamw, sgd or null, got 'muon'"),
+        (["--transformer_optimizer", "adamw"], "--transformer_learning_rate must be > 0 when --transformer_optimizer is set"),
+        (["--num_hidden_layers", "0"], "`num_hidden_layers` 0 needs `pooling` 'mean'"),
+        (["--pooling", "max"], "`pooling` must be 'cls' or 'mean', got 'max'"),
         (["--cutout_size", "17"], "--cutout_size must be an integer in [0, 16], got 17"),
         (["--attn_implementation", "flash"], "--attn_implementation must be sdpa or eager, got 'flash'"),
         (["--backbone_whitening_size", "-2"], "`backbone_whitening_size` must be 0 (off) or a positive kernel size"),
@@ -661,3 +698,16 @@ def test_loader_workers_and_gradient_accumulation(dataset_dir, tmp_path, env):
     result = train(base_args(dataset_dir, out, "--num_train_epochs=1", "--gradient_accumulation_steps=2"), env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "all_results.json").read_text())["steps"] == (24 // 4) // 2
+
+
+def test_the_backbone_alone_trains_and_saves_a_model_that_reads_the_mean_token(dataset_dir, tmp_path, env):
+    """The no-transformer baseline (num_hidden_layers 0, pooling mean) under the per-part
+    optimisers: its transformer part is the token projection, the final norm and the head."""
+    out = tmp_path / "gap"
+    result = train(base_args(dataset_dir, out, "--num_hidden_layers=0", "--pooling=mean", "--max_train_steps=3",
+                             "--transformer_optimizer=adamw", "--transformer_learning_rate=1e-3",
+                             "--transformer_weight_decay=0.05", "--optimizer=sgd", "--learning_rate=0.05"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 0 and config["pooling"] == "mean"
+    assert not any(key.startswith("hybrid_vit.layers.") for key in weights(out))

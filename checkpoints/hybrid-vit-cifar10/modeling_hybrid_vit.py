@@ -322,7 +322,7 @@ class HybridViTModel(HybridViTPreTrainedModel):
         x = self.layernorm(x)
         return BaseModelOutputWithPooling(
             last_hidden_state=x,
-            pooler_output=x[:, 0],
+            pooler_output=x[:, 0] if self.config.pooling == "cls" else x[:, 1:].mean(dim=1),
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
