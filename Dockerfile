@@ -38,7 +38,7 @@ WORKDIR /app
 # satisfies pyproject's range, so pip keeps it.
 COPY pyproject.toml README.md configuration_hybrid_vit.py modeling_hybrid_vit.py ./
 RUN pip install ".[demo]" && rm -rf build *.egg-info
-COPY cifar10_data.py faithfulness.py run_folder.py training_settings.py run_train.py run_eval.py visualize.py benchmark.py app.py default.yaml ./
+COPY cifar10_data.py faithfulness.py transformer_health.py run_folder.py training_settings.py run_train.py run_eval.py visualize.py benchmark.py app.py default.yaml ./
 COPY configs/ configs/
 COPY assets/ assets/
 

@@ -1,8 +1,10 @@
 """Evaluate a saved hybrid ViT on a dataset split: accuracy, per-class accuracy, the
-confusion matrix, the most confident mistakes, calibration (expected calibration error,
+confusion matrix, the most confident mistakes, the transformer's health (accuracy with each
+block skipped, CLS attention entropy, how much the maps differ between images:
+transformer_health.py), calibration (expected calibration error,
 and with --fit_temperature a temperature fitted on the validation split and saved with the
 model) and how faithful its attention maps are (deletion and insertion curves against
-random and average-map baselines: faithfulness.py), as eval_results.json and four PNGs.
+random and average-map baselines: faithfulness.py), as eval_results.json and five PNGs.
 
     python run_eval.py --model outputs/hybrid-vit-cifar10 --dataset_name ../shared/data/cifar10 \
         --output_dir outputs/eval --tta
@@ -143,6 +145,29 @@ def faithfulness_of_maps(args, model, processor, dataset, image_column, label_co
     results["sanity_check_rank_correlation"] = faithfulness.sanity_check(model, pixel_values[:256].to(model.device), args.batch_size)
     faithfulness.plot_curves(results).savefig(out / "faithfulness.png", dpi=110)
     return results
+
+
+def health_of_transformer(args, model, processor, dataset, image_column, label_column, out) -> dict:
+    """Accuracy with each block skipped, each block's CLS attention entropy relative to
+    uniform, and the rollout maps' cosine to the average map, on a seeded sample of the
+    split (transformer_health.py), with its figure."""
+    from tqdm.auto import tqdm
+
+    import transformer_health
+    from cifar10_data import decode_image
+    from run_folder import sample_indices
+
+    rows = dataset.select(sorted(sample_indices(len(dataset), args.health_images, seed=0)))
+
+    def batches():
+        for batch in tqdm(rows.iter(batch_size=args.batch_size), total=math.ceil(len(rows) / args.batch_size), desc="health"):
+            images = [decode_image(value) for value in batch[image_column]]
+            pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(model.device)
+            yield pixel_values, torch.tensor(batch[label_column], device=model.device)
+
+    health, cosines = transformer_health.measure(model, batches())
+    transformer_health.plot_health(health, cosines).savefig(out / "transformer_health.png", dpi=110)
+    return health
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -303,11 +328,16 @@ def parse_args(argv=None):
                         help="with --tta, also average both views shifted by this many pixels (1 or 2; 0 = off)")
     parser.add_argument("--faithfulness_images", type=int, default=1000,
                         help="images of the split (a seeded sample) on which the maps' deletion and insertion curves are measured; 0 skips")
+    parser.add_argument("--health_images", type=int, default=5000,
+                        help="images of the split (a seeded sample) on which the transformer's health is measured: accuracy "
+                             "with each block skipped, CLS attention entropy, rollout similarity across images; 0 skips")
     parser.add_argument("--fit_temperature", action="store_true",
                         help="fit a temperature on the validation split and save it in the model folder's config.json")
     args = parser.parse_args(argv)
     if args.faithfulness_images < 0:
         parser.error("--faithfulness_images must be at least 0")
+    if args.health_images < 0:
+        parser.error("--health_images must be at least 0")
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
@@ -357,7 +387,12 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results["calibration"] = calibrate(args, model, labels, logits, split, out)
-    if args.faithfulness_images:
+    blocks = model.config.num_hidden_layers
+    if not blocks and (args.health_images or args.faithfulness_images):
+        print("note: the model has no transformer blocks (the backbone alone): no attention to check", file=sys.stderr)
+    if blocks and args.health_images:
+        results["transformer_health"] = health_of_transformer(args, model, processor, dataset, image_column, label_column, out)
+    if blocks and args.faithfulness_images:
         results["faithfulness"] = faithfulness_of_maps(args, model, processor, dataset, image_column, label_column, out)
     (out / "eval_results.json").write_text(json.dumps(results, indent=2))
     plot_confusion_matrix(results["confusion_matrix"], label_names).savefig(out / "confusion_matrix.png", dpi=120)
@@ -369,13 +404,21 @@ def main(argv=None) -> int:
     for name, accuracy in results["per_class_accuracy"].items():
         print(f"  {name:<{width}}  {accuracy:.4f}")
     print(f"expected calibration error {results['calibration']['ece']:.2%} (temperature {results['calibration']['temperature']:.3f})")
+    if "transformer_health" in results:
+        h = results["transformer_health"]
+        for b in h["blocks"]:
+            print(f"  block {b['block']}: accuracy {b['accuracy_skipped']:.4f} when skipped ({100 * b['skip_cost']:+.2f} points lost), "
+                  f"CLS attention entropy {b['cls_entropy_of_uniform']:.2f} of uniform")
+        print(f"  rollout map's cosine to the average map: {h['rollout_cosine_to_average']:.2f} (1 = the same map for every image); "
+              f"last block's CLS attention: {h['last_layer_cls_cosine_to_average']:.2f}")
     if "faithfulness" in results:
         f = results["faithfulness"]
         for name in ("rollout", "relevance", "cls", "random", "average_map"):
             print(f"  {name:<12} deletion AUC {f[name]['deletion_auc']:.3f}  insertion AUC {f[name]['insertion_auc']:.3f}")
         print(f"most faithful map: {f['most_faithful']}")
-    print(f"wrote {out / 'eval_results.json'}, confusion_matrix.png, mistakes.png, reliability.png"
-          + (" and faithfulness.png" if "faithfulness" in results else ""), file=sys.stderr)
+    figures = ["confusion_matrix.png", "mistakes.png", "reliability.png"]
+    figures += ["transformer_health.png"] * ("transformer_health" in results) + ["faithfulness.png"] * ("faithfulness" in results)
+    print(f"wrote {out / 'eval_results.json'}, {', '.join(figures)}", file=sys.stderr)
     return 0
 
 
