@@ -29,6 +29,21 @@ from run_folder import UserError, dataset_images, load_model, load_split
 from visualize import display_image
 
 
+def pixel_batches(model, processor, dataset, image_column: str, label_column: str, batch_size: int = 128,
+                  progress: bool = True, desc: str = "eval"):
+    """(pixel_values, labels) for `dataset` in batches, decoded and preprocessed by the
+    model's own processor, on the model's device, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from cifar10_data import decode_image
+
+    total = math.ceil(len(dataset) / batch_size)
+    for rows in tqdm(dataset.iter(batch_size=batch_size), total=total, desc=desc, disable=not progress):
+        images = [decode_image(value) for value in rows[image_column]]
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(model.device)
+        yield pixel_values, torch.tensor(rows[label_column], dtype=torch.long, device=model.device)
+
+
 def evaluate_model(model, processor, dataset, image_column: str, label_column: str, batch_size: int = 128,
                    tta: bool = False, progress: bool = True, tta_shift: int = 0, logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels (N,) and class probabilities (N, C) for every image of `dataset` (or, with
@@ -36,20 +51,15 @@ def evaluate_model(model, processor, dataset, image_column: str, label_column: s
     model's own processor. With `tta`, the softmax of the logits averaged over each image's
     test-time views (`cifar10_data.tta_logits`: its mirror image, and with `tta_shift` both
     shifted by that many pixels), as training evaluates."""
-    from tqdm.auto import tqdm
-
-    from cifar10_data import decode_image, tta_logits
+    from cifar10_data import tta_logits
 
     labels, batches = [], []
-    total = math.ceil(len(dataset) / batch_size)
     with torch.no_grad():
-        for rows in tqdm(dataset.iter(batch_size=batch_size), total=total, desc="eval", disable=not progress):
-            images = [decode_image(value) for value in rows[image_column]]
-            pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(model.device)
+        for pixel_values, batch_labels in pixel_batches(model, processor, dataset, image_column, label_column, batch_size, progress):
             scores = tta_logits(model, pixel_values, tta, tta_shift)
             batches.append((scores if logits else scores.softmax(dim=-1)).cpu())
-            labels += rows[label_column]
-    return torch.tensor(labels, dtype=torch.long), torch.cat(batches)
+            labels.append(batch_labels.cpu())
+    return torch.cat(labels), torch.cat(batches)
 
 
 def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
@@ -151,21 +161,12 @@ def health_of_transformer(args, model, processor, dataset, image_column, label_c
     """Accuracy with each block skipped, each block's CLS attention entropy relative to
     uniform, and the rollout maps' cosine to the average map, on a seeded sample of the
     split (transformer_health.py), with its figure."""
-    from tqdm.auto import tqdm
-
     import transformer_health
-    from cifar10_data import decode_image
     from run_folder import sample_indices
 
     rows = dataset.select(sorted(sample_indices(len(dataset), args.health_images, seed=0)))
-
-    def batches():
-        for batch in tqdm(rows.iter(batch_size=args.batch_size), total=math.ceil(len(rows) / args.batch_size), desc="health"):
-            images = [decode_image(value) for value in batch[image_column]]
-            pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(model.device)
-            yield pixel_values, torch.tensor(batch[label_column], device=model.device)
-
-    health, cosines = transformer_health.measure(model, batches())
+    batches = pixel_batches(model, processor, rows, image_column, label_column, args.batch_size, desc="health")
+    health, cosines = transformer_health.measure(model, batches)
     transformer_health.plot_health(health, cosines).savefig(out / "transformer_health.png", dpi=110)
     return health
 

@@ -49,13 +49,8 @@ def block_skipped(model, index: int):
 def cls_entropy_ratio(attentions) -> torch.Tensor:
     """Each block's CLS attention entropy over the patch tokens divided by the uniform
     entropy log(N), per image and averaged over heads: (B, layers)."""
-    ratios = []
-    for attention in attentions:
-        p = attention[:, :, 0, 1:].float()  # (B, heads, N)
-        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-        entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)  # (B, heads)
-        ratios.append(entropy.mean(dim=1) / math.log(p.shape[-1]))
-    return torch.stack(ratios, dim=1)
+    uniform = math.log(attentions[0].shape[-1] - 1)  # over the patch keys
+    return torch.stack([visualize.cls_entropy_per_image(attention).mean(dim=1) / uniform for attention in attentions], dim=1)
 
 
 def cosine_to_average(maps: torch.Tensor) -> torch.Tensor:

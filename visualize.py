@@ -140,16 +140,18 @@ def attention_distances(attentions, patch_size: int) -> torch.Tensor:
     return torch.stack([mean_attention_distance(attention, patch_size) for attention in attentions])
 
 
+def cls_entropy_per_image(attention: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the CLS token's attention over the patches in one layer, per image
+    and head: (B, heads). The row is renormalised over the patch keys, so log(num_patches)
+    means spread evenly over the image and 0 all on one patch."""
+    p = attention[:, :, 0, 1:].float()  # (B, heads, N)
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
+
+
 def cls_attention_entropy(attentions) -> torch.Tensor:
-    """Entropy (nats) of the CLS token's attention over the patches, per layer and head,
-    averaged over images: (layers, heads). log(num_patches) means spread evenly over the
-    image, 0 means all on one patch. Rows are renormalised over the patch keys."""
-    entropies = []
-    for attention in attentions:
-        p = attention[:, :, 0, 1:].float()  # (B, heads, N)
-        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-        entropies.append(-(p * p.clamp_min(1e-12).log()).sum(dim=-1).mean(dim=0))  # (heads,)
-    return torch.stack(entropies)
+    """`cls_entropy_per_image` of every layer, averaged over images: (layers, heads)."""
+    return torch.stack([cls_entropy_per_image(attention).mean(dim=0) for attention in attentions])
 
 
 def is_uniform(heatmap: torch.Tensor, rtol: float = 1e-4) -> bool:

@@ -5,7 +5,6 @@ import json
 import re
 
 import pytest
-import torch
 import yaml
 
 from configuration_hybrid_vit import CIFAR10_LABELS
@@ -92,21 +91,16 @@ def test_release_scores_on_its_validation_split_what_its_card_says():
 def test_release_card_states_the_transformer_health_it_measures():
     """The card's health table (accuracy with each block skipped, CLS entropy) holds for the
     first 1,000 validation images: skipped-block accuracy within 3 points, entropy within 0.03."""
+    import run_eval
     import run_folder
     import transformer_health
-    from cifar10_data import decode_image
 
     rows = re.findall(r"^\| (\d+) \| ([\d.]+)% \(.*?\) \| [\d.]+% \| ([\d.]+) \|$", (RELEASE / "README.md").read_text(), re.M)
     model, processor = run_folder.load_model(str(RELEASE))
     assert len(rows) == model.config.num_hidden_layers
     dataset, image_column, label_column, _ = run_folder.load_split(str(RELEASE), str(SHARED_CIFAR10), split="validation", max_samples=1000)
-
-    def batches():
-        for batch in dataset.iter(batch_size=250):
-            pixel_values = processor(images=[decode_image(v) for v in batch[image_column]], return_tensors="pt")["pixel_values"]
-            yield pixel_values, torch.tensor(batch[label_column])
-
-    health, _ = transformer_health.measure(model, batches())
+    batches = run_eval.pixel_batches(model, processor, dataset, image_column, label_column, 250, progress=False)
+    health, _ = transformer_health.measure(model, batches)
     for (block, skipped, entropy), measured in zip(rows, health["blocks"]):
         assert measured["block"] == int(block)
         assert abs(100 * measured["accuracy_skipped"] - float(skipped)) < 3, (block, measured)
