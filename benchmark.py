@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 SHARED_CIFAR10 = PROJECT_ROOT.parent / "shared" / "data" / "cifar10"

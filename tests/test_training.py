@@ -3,7 +3,6 @@ the time limit, two processes, augmentation, and clear errors that leave nothing
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -484,7 +483,7 @@ def test_distillation_from_a_saved_teacher(dataset_dir, tmp_path, env):
                                     "--distillation_temperature=2", "--teacher_flip_tta=false"]),
                         ("shift", ["--teacher_model", str(teacher), "--distillation_alpha=1", "--teacher_tta_shift=2"])]:
         runs[name] = tmp_path / name
-        result = train(base_args(dataset_dir, runs[name], *extra), env)
+        result = train(base_args(dataset_dir, runs[name], *args, *extra), env)
         assert result.returncode == 0, result.stderr[-3000:]
         if extra:
             assert f"distilling from {teacher}" in result.stderr
