@@ -127,6 +127,21 @@ def test_temperature_scaling_calibrates_overconfident_logits():
     before = run_eval.expected_calibration_error(overconfident.softmax(-1), labels)
     after = run_eval.expected_calibration_error((overconfident / temperature).softmax(-1), labels)
     assert after < 0.03 < before
+    floor, at = run_eval.lowest_ece_any_temperature(overconfident, labels)
+    assert floor <= after + 1e-9 and floor == pytest.approx(
+        run_eval.expected_calibration_error((overconfident / at).softmax(-1), labels))
+
+
+def test_no_temperature_removes_a_miscalibration_of_shape():
+    """Always right at a small margin, right half the time at a large one: a temperature
+    scales both margins alike, so it cannot make the first sure and the second unsure, and
+    the lowest ECE stays far from zero."""
+    logits = torch.zeros(2000, 2)
+    logits[:1000, 0], logits[1000:, 0] = 1.0, 4.0
+    labels = torch.zeros(2000, dtype=torch.long)
+    labels[1000::2] = 1
+    floor, _ = run_eval.lowest_ece_any_temperature(logits, labels)
+    assert floor > 0.2
 
 
 def test_the_saved_temperature_divides_the_logits_and_keeps_the_prediction():
@@ -159,7 +174,8 @@ def test_run_eval_fits_and_saves_a_temperature_on_validation_and_reports_faithfu
     results = json.loads((out / "eval_results.json").read_text())
     saved = json.loads((folder / "config.json").read_text())["logit_temperature"]
     assert results["calibration"]["temperature"] == pytest.approx(saved) and saved != 1.0
-    assert {"ece", "ece_before"} <= set(results["calibration"])
+    assert {"ece", "ece_before", "lowest_ece_any_temperature"} <= set(results["calibration"])
+    assert results["calibration"]["lowest_ece_any_temperature"]["ece"] <= results["calibration"]["ece"] + 1e-9
     f = results["faithfulness"]
     assert {"rollout", "relevance", "cls", "random", "average_map", "most_faithful"} <= set(f)
     for name in ("rollout", "relevance", "cls", "random", "average_map"):
