@@ -93,14 +93,16 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return log_t.exp().item()
 
 
-def lowest_ece_any_temperature(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> tuple[float, float]:
+def lowest_ece_any_temperature(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15,
+                               also: tuple[float, ...] = ()) -> tuple[float, float]:
     """(ECE, T): the lowest expected calibration error that any one temperature reaches on
-    these logits, over a log-spaced grid of T from 0.1 to 10. When it is well above zero, the
+    these logits, over a log-spaced grid of T from 0.1 to 10 and the temperatures in `also`
+    (the fitted one, so the result is never above it). When it is well above zero, the
     model's miscalibration is in the shape of its confidence, not its scale, and no
     temperature can remove it."""
     logits = logits.float()
     return min((expected_calibration_error((logits / t).softmax(-1), labels, bins), t)
-               for t in torch.logspace(-1, 1, 401, dtype=torch.float64).tolist())
+               for t in [*torch.logspace(-1, 1, 401, dtype=torch.float64).tolist(), *also])
 
 
 def plot_reliability(curves: dict, labels: torch.Tensor, bins: int = 15):
@@ -141,7 +143,7 @@ def calibrate(args, model, labels, scaled_logits, split, out) -> dict:
             temperature=temperature, ece_before=expected_calibration_error(logits.softmax(-1), labels),
             ece=expected_calibration_error((logits / temperature).softmax(-1), labels), fitted_on=split,
         )
-        floor, floor_temperature = lowest_ece_any_temperature(logits, labels)
+        floor, floor_temperature = lowest_ece_any_temperature(logits, labels, also=(temperature,))
         result["lowest_ece_any_temperature"] = {"ece": floor, "temperature": floor_temperature}
         curves = {"T = 1": logits.softmax(-1), f"fitted T = {temperature:.3f}": (logits / temperature).softmax(-1)}
         model.config.logit_temperature = temperature
