@@ -144,6 +144,8 @@ def training_throughput(model, batches, optimizers, device, autocast_dtype, memo
     pipeline, or the same batch over and over)."""
     import torch.nn.functional as F
 
+    from run_train import step_optimizers
+
     model.train()
     iterator = batches()
 
@@ -155,9 +157,7 @@ def training_throughput(model, batches, optimizers, device, autocast_dtype, memo
             logits = model(pixel_values=x).logits
         loss = F.cross_entropy(logits.float(), labels)  # integer or MixUp/CutMix soft labels
         loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        step_optimizers(optimizers)
         return x.shape[0]
 
     sizes = []

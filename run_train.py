@@ -322,6 +322,17 @@ def make_optimizers(model, train_cfg) -> list[torch.optim.Optimizer]:
     ]
 
 
+def step_optimizers(optimizers, schedulers=()):
+    """One update by every optimiser (each trains its own parameters, so the order does not
+    matter), one step of each scheduler, then the gradients cleared."""
+    for optimizer in optimizers:
+        optimizer.step()
+    for scheduler in schedulers:
+        scheduler.step()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+
 def make_ema(model, train_cfg, device):
     """A copy of the model (BatchNorm statistics too) that trails the trained weights; it is
     what gets evaluated and saved. Made before prepare, so it is a plain module."""
@@ -785,9 +796,7 @@ def probe_step(loop: Loop, batch, data, train_cfg):
     loop.accelerator.backward(loss)
     if train_cfg["max_grad_norm"] > 0:
         loop.accelerator.clip_grad_norm_(loop.model.parameters(), train_cfg["max_grad_norm"])
-    for optimizer in loop.optimizers:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step_optimizers(loop.optimizers)
 
 
 def stop_checks(loop: Loop, state: TrainerState, loss, max_seconds, elapsed, output_dir):
@@ -841,10 +850,7 @@ def train_one_epoch(loop: Loop, state: TrainerState, epoch: int, data, train_cfg
                 loop.time_up = stop_checks(loop, state, loss, max_seconds, elapsed, train_cfg["output_dir"])
                 if train_cfg["max_grad_norm"] > 0:
                     accelerator.clip_grad_norm_(loop.model.parameters(), train_cfg["max_grad_norm"])
-            for optimizer, scheduler in zip(loop.optimizers, loop.schedulers):
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            step_optimizers(loop.optimizers, loop.schedulers)
         state.num_skipped_images += skipped_here
         if not accelerator.sync_gradients:
             continue
