@@ -85,10 +85,11 @@ class HealthMeter:
             self.correct_skipped[index] += (skipped == labels).sum().item()
             self.changed[index] += (skipped != predictions).sum().item()
 
-    def result(self) -> dict:
+    def result(self) -> tuple[dict, torch.Tensor]:
+        """The checks, and each image's rollout cosine to the average map (for plot_health)."""
         accuracy = self.correct / max(self.count, 1)
         entropy = torch.cat(self.entropy).mean(dim=0)
-        cosine = self.cosines = cosine_to_average(torch.cat(self.maps))
+        cosine = cosine_to_average(torch.cat(self.maps))
         blocks = []
         for index in range(self.num_layers):
             without = self.correct_skipped[index] / max(self.count, 1)
@@ -109,7 +110,7 @@ class HealthMeter:
             "every_block_alive": all(
                 b["skip_cost"] >= MIN_SKIP_COST and b["cls_entropy_of_uniform"] <= MAX_CLS_ENTROPY for b in blocks
             ),
-        }
+        }, cosine
 
 
 def measure(model, batches) -> tuple[dict, torch.Tensor]:
@@ -118,7 +119,7 @@ def measure(model, batches) -> tuple[dict, torch.Tensor]:
     meter = HealthMeter(model)
     for pixel_values, labels in batches:
         meter.update(pixel_values, labels)
-    return meter.result(), meter.cosines
+    return meter.result()
 
 
 def plot_health(health: dict, cosines: torch.Tensor | None = None):
