@@ -44,6 +44,8 @@ class ModelSettings:
     backbone_whitening_size: int = meaning("k > 0: a frozen k x k patch-whitening convolution first, fitted to training images; 0: none")
     hidden_size: int = meaning("width of the transformer's tokens")
     num_hidden_layers: int = meaning("transformer blocks; 0: the backbone alone (with pooling mean), the no-transformer baseline")
+    class_attention_layers: int = meaning("how many of the blocks, the last ones, are class-attention blocks (CaiT): only the "
+                                          "CLS token queries and is updated; 0: all are self-attention")
     num_attention_heads: int = meaning("attention heads per block (hidden_size must divide by it)")
     intermediate_size: int = meaning("width of each block's MLP")
     hidden_act: str = meaning("activation of the backbone and the MLPs (a transformers ACT2FN name)")

@@ -127,7 +127,8 @@ def mean_attention_distance(attention: torch.Tensor, patch_size: int) -> torch.T
     the attention-weighted pixel distance between a query patch and the patches it attends
     to, averaged over queries and images, the ViT analogue of a CNN's receptive field size.
     Only patch tokens count: the CLS query and key are dropped and each row renormalised
-    over the patch keys. attention: (B, heads, T, T); returns (heads,) in pixels."""
+    over the patch keys. A class-attention block's patch rows are the identity (it does not
+    mix the patch tokens), so it measures 0. attention: (B, heads, T, T); returns (heads,) in pixels."""
     patches = attention[:, :, 1:, 1:].float()  # (B, heads, N, N)
     patches = patches / patches.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     distance = patch_distances(patches.shape[-1], patch_size).to(patches.device)

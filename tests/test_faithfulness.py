@@ -92,9 +92,10 @@ def test_gradient_relevance_is_chefers_rule_on_a_hand_built_layer():
     torch.testing.assert_close(two, expected + step @ expected)
 
 
-def test_relevance_follows_the_class_asked_for_and_uses_no_hooks():
+@pytest.mark.parametrize("class_attention_layers", [0, 1])
+def test_relevance_follows_the_class_asked_for_and_uses_no_hooks(class_attention_layers):
     torch.manual_seed(0)
-    model = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL)).eval()
+    model = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, class_attention_layers=class_attention_layers)).eval()
     pixels = torch.randn(2, 3, 16, 16)
     maps, logits = visualize.relevance_map(model, pixels)
     assert maps.shape == (2, 4, 4) and torch.allclose(maps.flatten(1).amax(1), torch.ones(2))

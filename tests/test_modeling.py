@@ -152,11 +152,52 @@ def test_wrong_inputs_say_what_was_expected(tiny_model):
         (dict(backbone_pool_first="yes"), "backbone_pool_first"),
         (dict(backbone_whitening_size=-1), "backbone_whitening_size"),
         (dict(backbone_whitening_size=1.5), "backbone_whitening_size"),
+        (dict(class_attention_layers=3), "class_attention_layers"),
+        (dict(class_attention_layers=-1), "class_attention_layers"),
+        (dict(class_attention_layers=1, pooling="mean"), "class_attention_layers"),
     ],
 )
 def test_invalid_config_raises_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         HybridViTConfig(**{**TINY_MODEL, **overrides})
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_a_last_class_attention_block_gives_the_self_attention_blocks_logits(attn_implementation):
+    # The CLS token's output of a self-attention block depends only on its own attention
+    # row and MLP, so with the same weights a last block that attends from the CLS token
+    # alone gives the same logits; an earlier one changes the patch tokens the next reads.
+    torch.manual_seed(0)
+    config = HybridViTConfig(**TINY_MODEL, attn_implementation=attn_implementation)
+    full = HybridViTForImageClassification(config).eval()
+    last = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, attn_implementation=attn_implementation, class_attention_layers=1)).eval()
+    both = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, attn_implementation=attn_implementation, class_attention_layers=2)).eval()
+    last.load_state_dict(full.state_dict())
+    both.load_state_dict(full.state_dict())
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        reference, outputs = full(x).logits, last(x, output_attentions=True)
+        torch.testing.assert_close(last(x).logits, reference)
+        torch.testing.assert_close(outputs.logits, reference)
+        assert (both(x).logits - reference).abs().max() > 1e-4
+        attentions = full(x, output_attentions=True).attentions
+    # The class-attention block returns the self-attention block's CLS row, and an identity
+    # row for each patch token, which it passes on unchanged.
+    torch.testing.assert_close(outputs.attentions[1][:, :, 0], attentions[1][:, :, 0])
+    tokens = outputs.attentions[1].shape[-1]
+    torch.testing.assert_close(outputs.attentions[1][:, :, 1:], torch.eye(tokens)[1:].expand(3, 2, -1, -1))
+    with torch.no_grad():
+        hidden = both.hybrid_vit(x, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hidden[2][:, 1:], hidden[0][:, 1:], rtol=0, atol=0)
+
+
+def test_class_attention_gradients_reach_the_cls_row_only():
+    torch.manual_seed(0)
+    model = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL, class_attention_layers=1)).eval()
+    outputs = model(torch.randn(2, 3, 16, 16), output_attentions=True)
+    gradient = torch.autograd.grad(outputs.logits[:, 0].sum(), outputs.attentions[1])[0]
+    assert gradient[:, :, 0].abs().sum() > 0
+    assert gradient[:, :, 1:].abs().sum() == 0
 
 
 def test_backbone_layers_per_stage_deepens_the_stem():

@@ -43,8 +43,9 @@ def batches(n=96, batch=32, seed=0):
         yield torch.randn(batch, 3, 16, 16, generator=generator), torch.randint(0, 3, (batch,), generator=generator)
 
 
-def test_a_zeroed_block_contributes_nothing_and_live_ones_do():
-    model = tiny()
+@pytest.mark.parametrize("class_attention_layers", [0, 2])
+def test_a_zeroed_block_contributes_nothing_and_live_ones_do(class_attention_layers):
+    model = tiny(class_attention_layers=class_attention_layers)
     zero_block(model, 1)
     health, cosines = transformer_health.measure(model, batches())
     dead, *live = health["blocks"][1], health["blocks"][0], health["blocks"][2]
@@ -54,8 +55,9 @@ def test_a_zeroed_block_contributes_nothing_and_live_ones_do():
     assert health["num_samples"] == 96 and cosines.shape == (96,)
 
 
-def test_skipping_restores_the_block_and_is_the_model_without_it():
-    model = tiny()
+@pytest.mark.parametrize("class_attention_layers", [0, 3])
+def test_skipping_restores_the_block_and_is_the_model_without_it(class_attention_layers):
+    model = tiny(class_attention_layers=class_attention_layers)
     pixel_values = torch.randn(4, 3, 16, 16)
     before = model(pixel_values=pixel_values).logits
     with transformer_health.block_skipped(model, 0):
