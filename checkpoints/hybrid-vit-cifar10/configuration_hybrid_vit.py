@@ -63,6 +63,11 @@ class HybridViTConfig(PretrainedConfig):
             Number of transformer blocks. 0 leaves the backbone alone (with `pooling="mean"`):
             global average pooling of its tokens, a layer norm and the linear head, the
             baseline that shows what the transformer adds.
+        class_attention_layers (`int`, *optional*, defaults to 0):
+            How many of the `num_hidden_layers` blocks, the last ones, are class-attention
+            blocks (CaiT, Touvron et al. 2021): only the CLS token queries, and only it is
+            updated, so their projections and MLP run on one token instead of all of them.
+            Needs `pooling="cls"`.
         num_attention_heads (`int`, *optional*, defaults to 4):
             Attention heads per block; must divide `hidden_size`.
         intermediate_size (`int`, *optional*, defaults to 512):
@@ -108,6 +113,7 @@ class HybridViTConfig(PretrainedConfig):
         patch_size=None,
         hidden_size=256,
         num_hidden_layers=2,
+        class_attention_layers=0,
         num_attention_heads=4,
         intermediate_size=512,
         hidden_act="gelu",
@@ -133,6 +139,7 @@ class HybridViTConfig(PretrainedConfig):
         self.patch_size = 2 ** len(self.backbone_hidden_sizes) if patch_size is None else patch_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
+        self.class_attention_layers = class_attention_layers
         self.num_attention_heads = num_attention_heads
         self.intermediate_size = intermediate_size
         self.hidden_act = hidden_act
@@ -193,6 +200,13 @@ class HybridViTConfig(PretrainedConfig):
             raise ValueError(f"`pooling` must be 'cls' or 'mean', got {self.pooling!r}")
         if layers == 0 and self.pooling != "mean":
             raise ValueError("`num_hidden_layers` 0 needs `pooling` 'mean': with no blocks the CLS token sees no image")
+        ca = self.class_attention_layers
+        if isinstance(ca, bool) or not isinstance(ca, int) or not 0 <= ca <= layers:
+            raise ValueError(
+                f"`class_attention_layers` must be an integer from 0 to `num_hidden_layers` ({layers}), got {ca!r}"
+            )
+        if ca and self.pooling != "cls":
+            raise ValueError("`class_attention_layers` needs `pooling` 'cls': class attention updates only the CLS token")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "

@@ -144,9 +144,10 @@ class HybridViTAttention(nn.Module):
     flex or flash where installed), so `model.set_attn_implementation(...)` switches it at
     run time. The attention probabilities always come from `eager_attention_forward`."""
 
-    def __init__(self, config: HybridViTConfig):
+    def __init__(self, config: HybridViTConfig, class_attention: bool = False):
         super().__init__()
         self.config = config
+        self.class_attention = class_attention
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_size**-0.5
@@ -156,6 +157,8 @@ class HybridViTAttention(nn.Module):
         self.out_dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        if self.class_attention:
+            return self.class_attention_forward(x, output_attentions)
         B, N, C = x.shape
         qkv = self.to_qkv(x).view(B, N, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, nh, N, hs)
@@ -165,6 +168,32 @@ class HybridViTAttention(nn.Module):
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
         out, attentions = attention(self, q, k, v, None, scaling=self.scaling, dropout=dropout, is_causal=False)
         out = out.reshape(B, N, C)  # (B, N, nh, hs) -> (B, N, C)
+        return self.out_dropout(self.to_out(out)), attentions if output_attentions else None
+
+    def class_attention_forward(self, x: torch.Tensor, output_attentions: bool = False):
+        """Class attention (CaiT, Touvron et al. 2021): only the CLS token queries, over all
+        the tokens, so the projections after it run on one token; returns its update (B, 1, C).
+        The probabilities returned are (B, nh, N, N) like a self-attention block's: the CLS
+        row, then an identity row for each patch token, which the block passes on unchanged.
+        The output is computed from that tensor, so gradients with respect to it are the
+        CLS row's (and zero on the patch rows)."""
+        B, N, C = x.shape
+        weight, bias = self.to_qkv.weight, self.to_qkv.bias
+        q = F.linear(x[:, :1], weight[:C], None if bias is None else bias[:C])
+        q = q.view(B, 1, self.num_heads, self.head_size).transpose(1, 2)  # (B, nh, 1, hs)
+        kv = F.linear(x, weight[C:], None if bias is None else bias[C:])
+        k, v = kv.view(B, N, 2, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hs)
+        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
+        if output_attentions:
+            _, cls_row = eager_attention_forward(self, q, k, v, None, scaling=self.scaling)  # (B, nh, 1, N)
+            patch_rows = torch.eye(N, dtype=cls_row.dtype, device=cls_row.device)[1:].expand(B, self.num_heads, N - 1, N)
+            attentions = torch.cat([cls_row, patch_rows], dim=2)  # (B, nh, N, N)
+            probabilities = F.dropout(attentions[:, :, :1].to(v.dtype), p=dropout, training=self.training)
+            out = (probabilities @ v).transpose(1, 2)  # (B, 1, nh, hs)
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            out, attentions = attention(self, q, k, v, None, scaling=self.scaling, dropout=dropout, is_causal=False)
+        out = out.reshape(B, 1, C)
         return self.out_dropout(self.to_out(out)), attentions if output_attentions else None
 
 
@@ -191,17 +220,24 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 
 class HybridViTLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block. A class-attention block (CaiT's) updates only the CLS
+    token: its attention and MLP run on that one token, and the patch tokens pass through."""
 
-    def __init__(self, config: HybridViTConfig, drop_path_rate: float):
+    def __init__(self, config: HybridViTConfig, drop_path_rate: float, class_attention: bool = False):
         super().__init__()
         self.drop_path_rate = drop_path_rate
+        self.class_attention = class_attention
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = HybridViTAttention(config)
+        self.attention = HybridViTAttention(config, class_attention)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = HybridViTMLP(config)
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        if self.class_attention:
+            attended, attentions = self.attention(self.layernorm_before(x), output_attentions)
+            cls = x[:, :1] + drop_path(attended, self.drop_path_rate, self.training)
+            cls = cls + drop_path(self.mlp(self.layernorm_after(cls)), self.drop_path_rate, self.training)
+            return torch.cat([cls, x[:, 1:]], dim=1), attentions
         attended, attentions = self.attention(self.layernorm_before(x), output_attentions)
         x = x + drop_path(attended, self.drop_path_rate, self.training)
         x = x + drop_path(self.mlp(self.layernorm_after(x)), self.drop_path_rate, self.training)
@@ -264,7 +300,10 @@ class HybridViTModel(HybridViTPreTrainedModel):
         # init_empty_weights).
         n = config.num_hidden_layers
         rates = [config.drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
-        self.layers = nn.ModuleList(HybridViTLayer(config, rate) for rate in rates)
+        first_class_attention = n - config.class_attention_layers
+        self.layers = nn.ModuleList(
+            HybridViTLayer(config, rate, class_attention=i >= first_class_attention) for i, rate in enumerate(rates)
+        )
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
