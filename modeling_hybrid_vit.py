@@ -226,19 +226,17 @@ class HybridViTLayer(GradientCheckpointingLayer):
     def __init__(self, config: HybridViTConfig, drop_path_rate: float, class_attention: bool = False):
         super().__init__()
         self.drop_path_rate = drop_path_rate
-        self.class_attention = class_attention
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = HybridViTAttention(config, class_attention)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = HybridViTMLP(config)
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
-        if self.class_attention:
-            attended, attentions = self.attention(self.layernorm_before(x), output_attentions)
+        attended, attentions = self.attention(self.layernorm_before(x), output_attentions)
+        if self.attention.class_attention:  # attended is the CLS token's update alone, (B, 1, C)
             cls = x[:, :1] + drop_path(attended, self.drop_path_rate, self.training)
             cls = cls + drop_path(self.mlp(self.layernorm_after(cls)), self.drop_path_rate, self.training)
             return torch.cat([cls, x[:, 1:]], dim=1), attentions
-        attended, attentions = self.attention(self.layernorm_before(x), output_attentions)
         x = x + drop_path(attended, self.drop_path_rate, self.training)
         x = x + drop_path(self.mlp(self.layernorm_after(x)), self.drop_path_rate, self.training)
         return x, attentions
