@@ -87,11 +87,21 @@ def test_a_budgeted_run_ends_its_schedule_within_the_budget(dataset_dir, tmp_pat
     assert results["schedule_fitted_to_time"] and schedule["fitted"] and schedule["refitted"]
     # It is the run's own speed that sized it: many epochs of the 6-step epoch, not a default.
     assert results["max_train_steps"] == schedule["max_train_steps"] > 30
-    assert results["train_seconds"] <= 1.1 * 60 * BUDGET_MINUTES, results
-    assert results["train_seconds"] >= 0.5 * 60 * BUDGET_MINUTES, results  # and it used the budget
+    budget = 60 * BUDGET_MINUTES
+    seconds_per_step = results["train_seconds"] / results["steps"]
+    # At the speed the run actually went, its schedule fits the budget: 95% of it is what the
+    # fit aims at; the slack is for a machine that slows down after the re-fit.
+    assert results["max_train_steps"] * seconds_per_step <= 1.25 * budget, results
+    # The safety stop ends the run on the first step past 110% of the budget, whatever the load.
+    assert results["train_seconds"] <= 1.1 * budget + 2 * seconds_per_step, results
+    assert results["train_seconds"] >= 0.5 * budget, results  # and it used the budget
     last = [entry for entry in json.loads((out / "training_log.json").read_text()) if "learning_rate" in entry][-1]
-    assert last["learning_rate"] <= 0.05 * 3e-3, last  # the cosine has decayed (peak 3e-3 in base_args)
     assert last["step"] == results["steps"]
+    if results["stopped_by_time_limit"]:  # the machine slowed down: the schedule was nearly done
+        assert results["steps"] >= 0.8 * results["max_train_steps"], results
+    else:  # the schedule ran to its end, where the cosine has decayed (peak 3e-3 in base_args)
+        assert results["steps"] == results["max_train_steps"]
+        assert last["learning_rate"] <= 0.05 * 3e-3, last
 
 
 def test_killing_a_budgeted_run_and_resuming_it_gives_the_same_weights(dataset_dir, tmp_path, env):
