@@ -74,7 +74,9 @@ class HybridViTPatchWhitening(nn.Module):
 
 
 class HybridViTEmbeddings(nn.Module):
-    """Conv stem -> tokens, plus CLS token and learnable position embeddings."""
+    """Conv stem -> tokens, plus CLS token and learnable position embeddings. With
+    `config.token_stages` > 1 the tokens are a feature pyramid: the last stage's projected
+    features, upsampled onto each earlier token stage's grid and added to that stage's own."""
 
     def __init__(self, config: HybridViTConfig):
         super().__init__()
@@ -84,7 +86,7 @@ class HybridViTEmbeddings(nn.Module):
         if config.backbone_whitening_size:
             self.whitening = HybridViTPatchWhitening(config)
             in_channels = self.whitening.out_channels
-        layers = []
+        layers, stage_ends = [], []
         for width in config.backbone_hidden_sizes:
             for layer in range(config.backbone_layers_per_stage):
                 layers.append(nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False))
@@ -94,8 +96,16 @@ class HybridViTEmbeddings(nn.Module):
                 in_channels = width
             if not config.backbone_pool_first:
                 layers.append(nn.MaxPool2d(2))
+            stage_ends.append(len(layers))
         self.backbone = nn.Sequential(*layers)
         self.to_tokens = nn.Conv2d(in_channels, config.hidden_size, kernel_size=1)
+        # The earlier token stages, finest first: where each ends in the backbone, and its
+        # own projection into the tokens (the pyramid's lateral connections).
+        earlier = range(len(stage_ends) - config.token_stages, len(stage_ends) - 1)
+        self.lateral_ends = [stage_ends[i] for i in earlier]
+        self.lateral_tokens = nn.ModuleList(
+            nn.Conv2d(config.backbone_hidden_sizes[i], config.hidden_size, kernel_size=1) for i in earlier
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -112,10 +122,24 @@ class HybridViTEmbeddings(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, height * width, C)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The token grid before flattening: (B, hidden_size, H / patch_size, W / patch_size)."""
         if self.whitening is not None:
             pixel_values = self.whitening(pixel_values)
-        features = self.to_tokens(self.backbone(pixel_values))  # (B, C, H/p, W/p)
+        if not self.lateral_ends:
+            return self.to_tokens(self.backbone(pixel_values))
+        x, laterals, start = pixel_values, [], 0
+        for end, lateral in zip(self.lateral_ends, self.lateral_tokens):
+            x = self.backbone[start:end](x)
+            laterals.append(lateral(x))
+            start = end
+        tokens = self.to_tokens(self.backbone[start:](x))
+        for lateral in reversed(laterals):  # coarse to fine: each grid is twice the one before
+            tokens = lateral + F.interpolate(tokens, size=lateral.shape[-2:], mode="nearest")
+        return tokens
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        features = self.features(pixel_values)  # (B, C, H/p, W/p)
         B, C, h, w = features.shape
         tokens = features.flatten(2).transpose(1, 2)  # (B, N, C)
         tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)  # (B, N+1, C)
@@ -326,8 +350,8 @@ class HybridViTModel(HybridViTPreTrainedModel):
         if C != config.num_channels:
             raise ValueError(f"Expected {config.num_channels} channels, got {C} (pixel_values shape {tuple(pixel_values.shape)})")
         if interpolate_pos_encoding:
-            if H % config.patch_size or W % config.patch_size:
-                raise ValueError(f"Image size {H}x{W} must be a multiple of patch_size {config.patch_size}")
+            if H % config.backbone_downsampling or W % config.backbone_downsampling:
+                raise ValueError(f"Image size {H}x{W} must be a multiple of the backbone's downsampling {config.backbone_downsampling}")
         elif (H, W) != (config.image_size, config.image_size):
             raise ValueError(
                 f"Expected {config.image_size}x{config.image_size} images, got {H}x{W}; "

@@ -42,6 +42,9 @@ class ModelSettings:
     backbone_layers_per_stage: int = meaning("3x3 convolutions in each stage")
     backbone_pool_first: bool = meaning("pool right after a stage's first convolution (airbench's block), not at its end")
     backbone_whitening_size: int = meaning("k > 0: a frozen k x k patch-whitening convolution first, fitted to training images; 0: none")
+    token_stages: int = meaning("how many of the last stages make the tokens: 1, the last stage's grid; 2, a feature pyramid "
+                                "on the grid of the stage before it (twice as fine), each token that stage's features "
+                                "plus the last stage's token above it")
     hidden_size: int = meaning("width of the transformer's tokens")
     num_hidden_layers: int = meaning("transformer blocks; 0: the backbone alone (with pooling mean), the no-transformer baseline")
     class_attention_layers: int = meaning("how many of the blocks, the last ones, are class-attention blocks (CaiT): only the "

@@ -120,6 +120,40 @@ def test_other_image_sizes_interpolate_or_raise(tiny_model):
     torch.testing.assert_close(tiny_model(pixels(), interpolate_pos_encoding=True).logits, tiny_model(pixels()).logits)
 
 
+def test_pyramid_tokens_are_the_finer_stage_plus_the_coarser_token_above_it(tmp_path):
+    """token_stages 2: an 8x8 grid on a 16-pixel image of a two-stage backbone (patch 2),
+    each token the first stage's features through its 1x1 convolution plus the second
+    stage's token over its 2x2 cell; saved and loaded with the same logits."""
+    torch.manual_seed(0)
+    config = HybridViTConfig(**TINY_MODEL, token_stages=2)
+    assert (config.patch_size, config.num_patches, config.backbone_downsampling) == (2, 64, 4)
+    model = HybridViTForImageClassification(config).eval()
+    embeddings = model.hybrid_vit.embeddings
+    x = pixels()
+    with torch.no_grad():
+        outputs = model(x, output_attentions=True, output_hidden_states=True)
+        whitened = embeddings.whitening(x)
+        first = embeddings.backbone[: embeddings.lateral_ends[0]](whitened)
+        coarse = embeddings.to_tokens(embeddings.backbone[embeddings.lateral_ends[0] :](first))  # (B, C, 4, 4)
+        expected = embeddings.lateral_tokens[0](first) + coarse.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        tokens = expected.flatten(2).transpose(1, 2) + embeddings.position_embeddings[:, 1:]
+    assert first.shape[-2:] == (8, 8) and coarse.shape[-2:] == (4, 4)
+    torch.testing.assert_close(outputs.hidden_states[0][:, 1:], tokens)
+    assert all(attention.shape[-1] == 65 for attention in outputs.attentions)
+    # The one-stage model's weights are all there, plus the lateral convolution's.
+    one_stage = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL)).state_dict()
+    extra = set(model.state_dict()) - set(one_stage)
+    assert extra == {"hybrid_vit.embeddings.lateral_tokens.0.weight", "hybrid_vit.embeddings.lateral_tokens.0.bias"}
+    with pytest.raises(ValueError, match="multiple of the backbone's downsampling 4"):
+        model(pixels(size=18), interpolate_pos_encoding=True)
+    assert model(pixels(size=24), interpolate_pos_encoding=True, output_attentions=True).attentions[0].shape[-1] == 12 * 12 + 1
+    save_model_and_processor(model, tmp_path)
+    loaded = HybridViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.token_stages == 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, outputs.logits)
+
+
 def test_wrong_inputs_say_what_was_expected(tiny_model):
     with pytest.raises(ValueError, match="Expected 3 channels, got 1"):
         tiny_model(pixels(channels=1))
@@ -155,6 +189,10 @@ def test_wrong_inputs_say_what_was_expected(tiny_model):
         (dict(class_attention_layers=3), "class_attention_layers"),
         (dict(class_attention_layers=-1), "class_attention_layers"),
         (dict(class_attention_layers=1, pooling="mean"), "class_attention_layers"),
+        (dict(token_stages=0), "token_stages"),
+        (dict(token_stages=3), "token_stages"),
+        (dict(token_stages=True), "token_stages"),
+        (dict(token_stages=2, patch_size=8), "patch_size"),
     ],
 )
 def test_invalid_config_raises_naming_the_field(overrides, field):

@@ -53,10 +53,18 @@ class HybridViTConfig(PretrainedConfig):
             the inverse square root of their eigenvalue, and their negatives. Its weights are
             set from training images by [`HybridViTPreTrainedModel.fit_whitening`] (which
             `run_train.py` calls before training) and saved with the model. 0: no whitening layer.
+        token_stages (`int`, *optional*, defaults to 1):
+            How many of the backbone's last stages make the tokens. 1: the last stage's
+            grid, one token per `patch_size` square. 2 or more: a feature pyramid (Lin et
+            al. 2017) on the grid of the earliest of them, so twice (or more) as fine: each
+            token is its own stage's features through a 1x1 convolution, plus the token of
+            the coarser grid above it (nearest-neighbour upsampled). A token is then a
+            region half the size that still carries what the deepest stage saw.
         patch_size (`int`, *optional*):
-            Total downsampling of the backbone, i.e. the side of the image patch that one
-            token sees: `2 ** len(backbone_hidden_sizes)` (each stage pools by 2), derived
-            when not given. A given value must equal it, and it must divide `image_size`.
+            The side of the image patch that one token stands for: the backbone's
+            downsampling at the first token stage, `2 ** (len(backbone_hidden_sizes) -
+            token_stages + 1)` (each stage pools by 2), derived when not given. A given
+            value must equal it, and it must divide `image_size`.
         hidden_size (`int`, *optional*, defaults to 256):
             Width of the transformer encoder.
         num_hidden_layers (`int`, *optional*, defaults to 2):
@@ -110,6 +118,7 @@ class HybridViTConfig(PretrainedConfig):
         backbone_layers_per_stage=2,
         backbone_pool_first=True,
         backbone_whitening_size=2,
+        token_stages=1,
         patch_size=None,
         hidden_size=256,
         num_hidden_layers=2,
@@ -136,7 +145,9 @@ class HybridViTConfig(PretrainedConfig):
         self.backbone_layers_per_stage = backbone_layers_per_stage
         self.backbone_pool_first = backbone_pool_first
         self.backbone_whitening_size = backbone_whitening_size
-        self.patch_size = 2 ** len(self.backbone_hidden_sizes) if patch_size is None else patch_size
+        self.token_stages = token_stages
+        stages = len(self.backbone_hidden_sizes) - token_stages + 1 if isinstance(token_stages, int) else 0
+        self.patch_size = 2**stages if patch_size is None else patch_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.class_attention_layers = class_attention_layers
@@ -216,12 +227,27 @@ class HybridViTConfig(PretrainedConfig):
             raise ValueError(
                 f"`image_size` ({self.image_size}) must be divisible by `patch_size` ({self.patch_size})"
             )
-        downsampling = 2 ** len(self.backbone_hidden_sizes)
+        stages, token_stages = len(self.backbone_hidden_sizes), self.token_stages
+        if isinstance(token_stages, bool) or not isinstance(token_stages, int) or not 1 <= token_stages <= stages:
+            raise ValueError(
+                f"`token_stages` must be an integer from 1 to the number of backbone stages ({stages}), got {token_stages!r}"
+            )
+        downsampling = 2 ** (stages - token_stages + 1)
         if downsampling != self.patch_size:
             raise ValueError(
-                f"`backbone_hidden_sizes` has {len(self.backbone_hidden_sizes)} stages, which downsample by "
-                f"{downsampling}, but `patch_size` is {self.patch_size}"
+                f"`backbone_hidden_sizes` has {stages} stages and the tokens come from the last {token_stages}, "
+                f"which downsample by {downsampling}, but `patch_size` is {self.patch_size}"
             )
+        if self.image_size % self.backbone_downsampling:
+            raise ValueError(
+                f"`image_size` ({self.image_size}) must be divisible by the backbone's downsampling "
+                f"({self.backbone_downsampling})"
+            )
+
+    @property
+    def backbone_downsampling(self):
+        """How much the whole backbone downsamples: 2 ** len(backbone_hidden_sizes)."""
+        return 2 ** len(self.backbone_hidden_sizes)
 
     @property
     def num_patches(self):
