@@ -89,9 +89,11 @@ def test_a_budgeted_run_ends_its_schedule_within_the_budget(dataset_dir, tmp_pat
     assert results["max_train_steps"] == schedule["max_train_steps"] > 30
     budget = 60 * BUDGET_MINUTES
     seconds_per_step = results["train_seconds"] / results["steps"]
-    # At the speed the run actually went, its schedule fits the budget: 95% of it is what the
-    # fit aims at; the slack is for a machine that slows down after the re-fit.
-    assert results["max_train_steps"] * seconds_per_step <= 1.25 * budget, results
+    # At the speed the first epoch ran at, the re-fitted schedule fits the budget (the fit aims at
+    # 95% of it and re-fits only past 2%). The speed after the re-fit is the machine's business: a
+    # loaded CI machine ran 16 ms steps 40% slower than its first epoch, and the safety stop is
+    # what bounds that case.
+    assert results["max_train_steps"] * schedule["epoch_seconds_per_step"] <= budget, results
     # The safety stop ends the run on the first step past 110% of the budget, whatever the load.
     assert results["train_seconds"] <= 1.1 * budget + 2 * seconds_per_step, results
     assert results["train_seconds"] >= 0.5 * budget, results  # and it used the budget
