@@ -307,6 +307,30 @@ def build_optimizer(kind, named_parameters, learning_rate, weight_decay, train_c
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]))
 
 
+def backbone_modules(model) -> list:
+    """The backbone part of model_parts: the whitening layer (if any) and the convolutional stages."""
+    base = getattr(model, model.base_model_prefix, model)
+    return [module for module in (base.embeddings.whitening, base.embeddings.backbone) if module is not None]
+
+
+def freeze_backbone(model, log) -> None:
+    """--freeze_backbone: the backbone gets no gradient (so no optimiser moves it, and no
+    backward pass runs through it); `set_train_mode` keeps its BatchNorm in eval mode."""
+    for module in backbone_modules(model):
+        module.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"backbone frozen (weights and BatchNorm statistics): {trainable:,} of {model.num_parameters():,} parameters train")
+
+
+def set_train_mode(model, train_cfg) -> None:
+    """model.train(), except that a frozen backbone stays in eval mode: its BatchNorm layers
+    normalise with their running statistics and do not update them."""
+    model.train()
+    if train_cfg.get("freeze_backbone"):
+        for module in backbone_modules(getattr(model, "module", model)):
+            module.eval()
+
+
 def make_optimizers(model, train_cfg) -> list[torch.optim.Optimizer]:
     """One optimiser for the whole model (optimizer, learning_rate, weight_decay), or, with
     transformer_optimizer set, one for each part: the backbone with the first three
@@ -423,6 +447,7 @@ def evaluate(model, dataloader, accelerator, flip_tta=False, tta_shift=0) -> dic
 
     from cifar10_data import tta_logits
 
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     correct = total = 0
     loss_sum = 0.0
@@ -437,7 +462,8 @@ def evaluate(model, dataloader, accelerator, flip_tta=False, tta_shift=0) -> dic
             correct += (predictions == labels).sum().item()
             total += labels.numel()
             loss_sum += losses.sum().item()
-    model.train()
+    for module, training in modes:  # as it was (a frozen backbone stays in eval mode)
+        module.train(training)
     return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
 
 
@@ -730,6 +756,7 @@ def fit_schedule(loop: Loop, train_cfg, budget, saved_state, probe_step, log) ->
     if saved_state is not None and "schedule" in saved_state:
         return saved_state["schedule"], 0.0
     accelerator = loop.accelerator
+    set_train_mode(loop.model, train_cfg)  # time the steps the loop will take (a loaded model comes in eval mode)
     seconds_per_step, probe_seconds = measure_seconds_per_step(probe_step, loop.model, loop.optimizers, loop.train_dataloader, accelerator)
     seconds_per_step = accelerator.reduce(torch.tensor(seconds_per_step, device=accelerator.device), "mean").item()
     total = steps_that_fit(FIT_FRACTION * budget - probe_seconds, seconds_per_step)
@@ -834,7 +861,7 @@ def train_one_epoch(loop: Loop, state: TrainerState, epoch: int, data, train_cfg
     skip = (state.step - epoch * loop.steps_per_epoch) * accumulation
     batches = accelerator.skip_first_batches(loop.train_dataloader, skip) if skip else loop.train_dataloader
     total = state.schedule["max_train_steps"]
-    loop.model.train()
+    set_train_mode(loop.model, train_cfg)
     tick = time.perf_counter()
     for micro_step, batch in enumerate(batches, start=skip):
         skipped_here = int(batch.pop("num_skipped"))
@@ -979,6 +1006,8 @@ def build_models(settings, splits, image_column, label_column, accelerator, fact
     if sync:
         model = synchronise_batchnorm(model, accelerator.device.type)
         log(f"BatchNorm statistics synchronised over the {accelerator.num_processes} processes' batches")
+    if train_cfg["freeze_backbone"]:
+        freeze_backbone(model, log)
     facts.update(sync_batchnorm=sync, num_parameters=model.num_parameters(), hardware=hardware_description(accelerator))
     memory_format = torch.channels_last if train_cfg["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)

@@ -121,6 +121,8 @@ class TrainingSettings:
                                                    "position embeddings, blocks, head) gets its own optimiser; null: "
                                                    "one optimiser for the whole model")
     transformer_learning_rate: Optional[float] = meaning("the transformer optimiser's peak learning rate (AdamW: about 1e-3)")
+    freeze_backbone: bool = meaning("fine-tune only the transformer part: the backbone of --model_name_or_path keeps its "
+                                    "weights and BatchNorm statistics (BatchNorm in eval mode), and gets no gradient")
     transformer_weight_decay: Optional[float] = meaning("the transformer optimiser's weight decay (AdamW: decoupled, e.g. 0.05)")
     adam_beta1: float = meaning("AdamW's beta1")
     adam_beta2: float = meaning("AdamW's beta2")
@@ -362,6 +364,13 @@ def validate_training(train: dict, size: int):
         rate, decay = train["transformer_learning_rate"], train["transformer_weight_decay"]
         _check(rate is not None and rate > 0, "transformer_learning_rate", "> 0 when --transformer_optimizer is set", rate)
         _check(decay is not None and decay >= 0, "transformer_weight_decay", ">= 0 when --transformer_optimizer is set", decay)
+    freeze = train["freeze_backbone"]
+    _check(isinstance(freeze, bool), "freeze_backbone", "true or false", freeze)
+    if freeze:
+        _check(train["model_name_or_path"] is not None, "freeze_backbone",
+               "false unless --model_name_or_path gives a trained backbone to keep", freeze)
+        _check(part is None, "transformer_optimizer",
+               "null with --freeze_backbone (optimizer, learning_rate and weight_decay then train the transformer part)", part)
     for key in ("adam_beta1", "adam_beta2", "sgd_momentum", "warmup_ratio"):
         _check(0 <= train[key] < 1, key, "in [0, 1)", train[key])
     _check(train["max_grad_norm"] >= 0, "max_grad_norm", ">= 0", train["max_grad_norm"])

@@ -373,6 +373,8 @@ def test_settings_override_and_layer(tmp_path):
         (["--model_name_or_path", "someone/hybrid-vit"], "--model_name_or_path someone/hybrid-vit: "),  # offline
         (["--teacher_model", "/nonexistent/teacher"], "--teacher_model /nonexistent/teacher: no such folder"),
         (["--distillation_alpha", "1.5"], "--distillation_alpha must be in [0, 1], got 1.5"),
+        (["--freeze_backbone", "true"], "--freeze_backbone must be false unless --model_name_or_path gives a trained backbone"),
+        (["--freeze_backbone", "maybe"], "--freeze_backbone"),
         (["--distillation_temperature", "0"], "--distillation_temperature must be > 0, got 0.0"),
         (["--teacher_tta_shift", "2", "--teacher_flip_tta", "false"], "--teacher_tta_shift must be 0 when --teacher_flip_tta is false"),
         (["--teacher_tta_shift", "16"], "--teacher_tta_shift must be an integer in [0, 16), got 16"),
@@ -431,6 +433,35 @@ def test_fine_tuning_starts_from_a_saved_model_and_swaps_the_head_for_new_classe
     for key in before.keys() - resized:
         if "running_" not in key and "num_batches_tracked" not in key:
             torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_frozen_backbone_keeps_its_weights_and_statistics_and_resumes_exactly(dataset_dir, tmp_path, env):
+    """--freeze_backbone: every backbone tensor, BatchNorm running statistics included, is the
+    start's to the bit, the transformer part trains, and a resumed run ends where a straight
+    one does; with a transformer optimiser as well the command stops with one line."""
+    start = tmp_path / "start"
+    result = train(base_args(dataset_dir, start, "--max_train_steps=4", "--backbone_whitening_size=2",
+                             "--checkpointing_steps=null"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    args = ["--model_name_or_path", str(start), "--freeze_backbone=true", "--optimizer=adamw", "--learning_rate=1e-2",
+            "--weight_decay=0.05", "--max_train_steps=6", "--checkpointing_steps=3", "--checkpoints_total_limit=null",
+            "--per_device_train_batch_size=5", "--drop_path_rate=0.2"]
+    straight, resumed, result = straight_then_resumed(dataset_dir, tmp_path, env, args, from_step=3)
+    assert "backbone frozen (weights and BatchNorm statistics)" in result.stderr
+    before, after = weights(start), weights(straight)
+    backbone = [key for key in before if ".embeddings.backbone." in key or ".embeddings.whitening." in key]
+    assert any("running_mean" in key for key in backbone)
+    for key in backbone:
+        assert torch.equal(after[key], before[key]), key
+    moved = [key for key in before if key not in backbone and not torch.equal(after[key], before[key])]
+    assert "classifier.weight" in moved and any(".layers.0." in key for key in moved)
+    assert_same_weights(weights(resumed / "checkpoints/step_6"), weights(straight / "checkpoints/step_6"))
+
+    out = tmp_path / "never"
+    result = train(base_args(dataset_dir, out, *args, "--transformer_optimizer=adamw", "--transformer_learning_rate=1e-3",
+                             "--transformer_weight_decay=0.05"), env)
+    assert result.returncode == 2 and "--transformer_optimizer must be null with --freeze_backbone" in result.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("extra", [["--tta_shift=20"], ["--cutout_size=20"]])
