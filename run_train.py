@@ -284,14 +284,18 @@ def parameter_groups(named_parameters, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def backbone_modules(model) -> list:
+    """The backbone part of model_parts: the whitening layer (if any) and the convolutional stages."""
+    base = getattr(model, model.base_model_prefix, model)
+    return [module for module in (base.embeddings.whitening, base.embeddings.backbone) if module is not None]
+
+
 def model_parts(model) -> dict:
     """The model's parameters by part: "backbone" (the whitening layer's bias, the
     convolutions and their BatchNorms: scale-invariant, the part SGD trains well) and
     "transformer" (the token projection, CLS token, position embeddings, blocks, final norm
     and head), as (name, parameter) lists."""
-    base = getattr(model, model.base_model_prefix, model)
-    embeddings = base.embeddings
-    in_backbone = {id(p) for module in (embeddings.whitening, embeddings.backbone) if module is not None for p in module.parameters()}
+    in_backbone = {id(p) for module in backbone_modules(model) for p in module.parameters()}
     parts = {"backbone": [], "transformer": []}
     for name, parameter in model.named_parameters():
         parts["backbone" if id(parameter) in in_backbone else "transformer"].append((name, parameter))
@@ -305,12 +309,6 @@ def build_optimizer(kind, named_parameters, learning_rate, weight_decay, train_c
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=learning_rate, momentum=train_cfg["sgd_momentum"], nesterov=True)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]))
-
-
-def backbone_modules(model) -> list:
-    """The backbone part of model_parts: the whitening layer (if any) and the convolutional stages."""
-    base = getattr(model, model.base_model_prefix, model)
-    return [module for module in (base.embeddings.whitening, base.embeddings.backbone) if module is not None]
 
 
 def freeze_backbone(model, log) -> None:

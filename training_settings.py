@@ -117,12 +117,12 @@ class TrainingSettings:
                                   "(SGD: coupled, e.g. 1e-3; AdamW: decoupled, e.g. 0.05)")
     optimizer: str = meaning("adamw | sgd (Nesterov momentum): the backbone's optimiser, and the whole model's "
                              "when transformer_optimizer is null")
+    freeze_backbone: bool = meaning("fine-tune only the transformer part: the backbone of --model_name_or_path keeps its "
+                                    "weights and BatchNorm statistics (BatchNorm in eval mode), and gets no gradient")
     transformer_optimizer: Optional[str] = meaning("adamw | sgd: the transformer part (token projection, CLS token, "
                                                    "position embeddings, blocks, head) gets its own optimiser; null: "
                                                    "one optimiser for the whole model")
     transformer_learning_rate: Optional[float] = meaning("the transformer optimiser's peak learning rate (AdamW: about 1e-3)")
-    freeze_backbone: bool = meaning("fine-tune only the transformer part: the backbone of --model_name_or_path keeps its "
-                                    "weights and BatchNorm statistics (BatchNorm in eval mode), and gets no gradient")
     transformer_weight_decay: Optional[float] = meaning("the transformer optimiser's weight decay (AdamW: decoupled, e.g. 0.05)")
     adam_beta1: float = meaning("AdamW's beta1")
     adam_beta2: float = meaning("AdamW's beta2")
