@@ -365,7 +365,6 @@ def validate_training(train: dict, size: int):
         _check(rate is not None and rate > 0, "transformer_learning_rate", "> 0 when --transformer_optimizer is set", rate)
         _check(decay is not None and decay >= 0, "transformer_weight_decay", ">= 0 when --transformer_optimizer is set", decay)
     freeze = train["freeze_backbone"]
-    _check(isinstance(freeze, bool), "freeze_backbone", "true or false", freeze)
     if freeze:
         _check(train["model_name_or_path"] is not None, "freeze_backbone",
                "false unless --model_name_or_path gives a trained backbone to keep", freeze)

@@ -374,7 +374,7 @@ def test_settings_override_and_layer(tmp_path):
         (["--teacher_model", "/nonexistent/teacher"], "--teacher_model /nonexistent/teacher: no such folder"),
         (["--distillation_alpha", "1.5"], "--distillation_alpha must be in [0, 1], got 1.5"),
         (["--freeze_backbone", "true"], "--freeze_backbone must be false unless --model_name_or_path gives a trained backbone"),
-        (["--freeze_backbone", "maybe"], "--freeze_backbone"),
+        (["--freeze_backbone", "maybe"], "--freeze_backbone expects true or false"),
         (["--distillation_temperature", "0"], "--distillation_temperature must be > 0, got 0.0"),
         (["--teacher_tta_shift", "2", "--teacher_flip_tta", "false"], "--teacher_tta_shift must be 0 when --teacher_flip_tta is false"),
         (["--teacher_tta_shift", "16"], "--teacher_tta_shift must be an integer in [0, 16), got 16"),
