@@ -43,6 +43,10 @@ FITTED_TIME_LIMIT_FACTOR = 1.1
 # A fitted schedule is sized to this fraction of the budget: on the CPU, later epochs ran
 # 2-7% slower than the first one that the fit measures (docs/schedule.md).
 FIT_FRACTION = 0.95
+# A fitted schedule is re-fitted after each of this many first epochs, each time from the
+# speed of the epoch just run: a first epoch that ran slow (warming caches, another job on
+# the cores) would otherwise cut the whole run short (docs/schedule.md).
+REFIT_EPOCHS = 2
 # Settings of the model section that change how a model trains or runs, not its weights:
 # they still apply when the weights (and the architecture) come from --model_name_or_path.
 RUNTIME_MODEL_SETTINGS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
@@ -746,8 +750,8 @@ def build_dataloaders(data, train_cfg, splits, image_column, label_column, image
 def fit_schedule(loop: Loop, train_cfg, budget, saved_state, probe_step, log) -> tuple[dict, float]:
     """The schedule's length, and the seconds spent measuring it: fixed by num_train_epochs
     or max_train_steps, or (num_train_epochs auto) fitted to max_train_minutes from this
-    run's measured speed, to be re-fitted once after the first epoch. A fitted length is
-    saved in every checkpoint, so a resumed run keeps it."""
+    run's measured speed, to be re-fitted after each of the first REFIT_EPOCHS epochs. A
+    fitted length is saved in every checkpoint, so a resumed run keeps it."""
     if train_cfg["num_train_epochs"] != "auto":
         steps = train_cfg["max_train_steps"] or int(train_cfg["num_train_epochs"] * loop.steps_per_epoch)
         return {"fitted": False, "max_train_steps": steps}, 0.0
@@ -760,24 +764,26 @@ def fit_schedule(loop: Loop, train_cfg, budget, saved_state, probe_step, log) ->
     total = steps_that_fit(FIT_FRACTION * budget - probe_seconds, seconds_per_step)
     log(
         f"schedule fitted to {budget / 60:g} min: {seconds_per_step * 1000:.1f} ms a step measured over 10 steps, so "
-        f"{total} steps ({total / loop.steps_per_epoch:.1f} epochs); re-fitted after the first epoch"
+        f"{total} steps ({total / loop.steps_per_epoch:.1f} epochs); re-fitted after each of the first {REFIT_EPOCHS} epochs"
     )
-    schedule = {"fitted": True, "max_train_steps": total, "first_fit_steps": total, "seconds_per_step": seconds_per_step, "refitted": False}
+    schedule = {"fitted": True, "max_train_steps": total, "first_fit_steps": total, "seconds_per_step": seconds_per_step, "refits": 0, "refitted": False}
     return schedule, probe_seconds
 
 
 def refit_schedule(loop: Loop, state: TrainerState, train_cfg, budget, epoch_seconds, epoch_steps, log):
-    """After the first epoch: the steps that fit into what is left of the budget at the
-    speed the epoch ran at. The schedule changes only if the first estimate was off by
-    more than 2%; its warmup and decay then stretch or shrink from the current step on."""
+    """After each of the first REFIT_EPOCHS epochs: the steps that fit into what is left of
+    the budget at the speed the epoch just run went at. The schedule changes only if the
+    estimate was off by more than 2%; its warmup and decay then stretch or shrink from the
+    current step on. `refitted` is set once the last re-fit is done."""
     accelerator, schedule = loop.accelerator, state.schedule
     measured = accelerator.reduce(torch.tensor([epoch_seconds / epoch_steps, state.train_seconds], device=accelerator.device), "mean")
     seconds_per_step, elapsed = measured.tolist()
     left = FIT_FRACTION * budget - elapsed
     total = state.step + steps_that_fit(left, seconds_per_step) if left > 0 else state.step
-    schedule.update(refitted=True, epoch_seconds_per_step=seconds_per_step)
+    refits = schedule.get("refits", 0) + 1
+    schedule.update(refits=refits, refitted=refits >= REFIT_EPOCHS, epoch_seconds_per_step=seconds_per_step)
     if abs(total - schedule["max_train_steps"]) > 0.02 * schedule["max_train_steps"]:
-        log(f"schedule re-fitted: {seconds_per_step * 1000:.1f} ms a step in the first epoch, so {total} steps in all, not {schedule['max_train_steps']}")
+        log(f"schedule re-fitted: {seconds_per_step * 1000:.1f} ms a step in epoch {refits}, so {total} steps in all, not {schedule['max_train_steps']}")
         schedule["max_train_steps"] = total
         for optimizer, scheduler in zip(loop.optimizers, loop.schedulers):
             scheduler.scheduler = make_scheduler(optimizer, train_cfg, total, accelerator.num_processes, state.step)

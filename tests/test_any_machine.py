@@ -85,6 +85,7 @@ def test_a_budgeted_run_ends_its_schedule_within_the_budget(dataset_dir, tmp_pat
     results = json.loads((out / "all_results.json").read_text())
     schedule = results["schedule"]
     assert results["schedule_fitted_to_time"] and schedule["fitted"] and schedule["refitted"]
+    assert schedule["refits"] == run_train.REFIT_EPOCHS == 2  # after epochs 1 and 2
     # It is the run's own speed that sized it: many epochs of the 6-step epoch, not a default.
     assert results["max_train_steps"] == schedule["max_train_steps"] > 30
     budget = 60 * BUDGET_MINUTES
@@ -104,6 +105,49 @@ def test_a_budgeted_run_ends_its_schedule_within_the_budget(dataset_dir, tmp_pat
     else:  # the schedule ran to its end, where the cosine has decayed (peak 3e-3 in base_args)
         assert results["steps"] == results["max_train_steps"]
         assert last["learning_rate"] <= 0.05 * 3e-3, last
+
+
+class _Progress:
+    total = 0
+
+    def refresh(self):
+        pass
+
+
+def test_a_slow_first_epoch_is_given_back_by_the_second_refit():
+    """The first re-fit shortens the schedule after a slow first epoch; the second, from the
+    second epoch's own speed, lengthens it again, so the run still ends at the budget. A
+    warmup-and-cosine schedule re-made mid-run goes on from the current step."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_cfg = {"lr_scheduler_type": "cosine", "warmup_ratio": 0.05}
+
+    class Wrapped:  # the attribute Accelerate's prepared scheduler has
+        scheduler = run_train.make_scheduler(optimizer, train_cfg, 1000, 1)
+
+    class Accelerator:
+        num_processes = 1
+        device = torch.device("cpu")
+
+        def reduce(self, tensor, reduction):
+            return tensor
+
+    loop = run_train.Loop(Accelerator(), model, [optimizer], [Wrapped()], None, {}, None, None, None, None, None, steps_per_epoch=100)
+    loop.progress = _Progress()
+    budget = 1000.0  # seconds; the first fit: 1 s a step, 950 steps (95% of the budget)
+    state = run_train.TrainerState(step=100, train_seconds=150.0, schedule={"fitted": True, "max_train_steps": 950, "refits": 0, "refitted": False})
+    run_train.refit_schedule(loop, state, train_cfg, budget, 150.0, 100, lambda message: None)  # 1.5 s a step
+    assert state.schedule["max_train_steps"] == 100 + int((950 - 150) / 1.5) == 633
+    assert state.schedule["refits"] == 1 and not state.schedule["refitted"]
+    state.step, state.train_seconds = 200, 250.0
+    run_train.refit_schedule(loop, state, train_cfg, budget, 100.0, 100, lambda message: None)  # 1.0 s a step
+    assert state.schedule["max_train_steps"] == 200 + 700 == 900
+    assert state.schedule["refits"] == 2 and state.schedule["refitted"]
+    assert loop.progress.total == 900
+    scheduler = loop.schedulers[0].scheduler
+    expected = run_train.make_scheduler(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), train_cfg, 900, 1, 200)
+    assert scheduler.get_last_lr() == pytest.approx(expected.get_last_lr())
+    assert 0 < scheduler.get_last_lr()[0] < 0.1
 
 
 def test_killing_a_budgeted_run_and_resuming_it_gives_the_same_weights(dataset_dir, tmp_path, env):
