@@ -151,7 +151,7 @@ def test_a_slow_first_epoch_is_given_back_by_the_second_refit():
 
 
 def test_killing_a_budgeted_run_and_resuming_it_gives_the_same_weights(dataset_dir, tmp_path, env):
-    """A copy of an early checkpoint (after the re-fit at the end of epoch 1) resumed without
+    """A copy of an early checkpoint (after the re-fits at the ends of epochs 1 and 2) resumed without
     a break, and the run itself killed later and resumed from its latest checkpoint, end on
     the same step with identical weights: the fitted length travels in the checkpoints."""
     killed, reference = tmp_path / "killed", tmp_path / "reference"
