@@ -25,11 +25,6 @@ FROM base AS torch-cpu
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
 
 FROM base AS torch-cuda
-# torch.compile (configs/gpu_fast.yaml) builds GPU kernels with Triton, which compiles a
-# small C launcher at run time: the slim image has no C compiler of its own.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
 RUN pip install torch==2.14.1 torchvision==0.29.1
 
 FROM torch-${TORCH} AS app
@@ -38,13 +33,13 @@ WORKDIR /app
 # satisfies pyproject's range, so pip keeps it.
 COPY pyproject.toml README.md configuration_hybrid_vit.py modeling_hybrid_vit.py ./
 RUN pip install ".[demo]" && rm -rf build *.egg-info
-COPY cifar10_data.py faithfulness.py transformer_health.py run_folder.py training_settings.py run_train.py run_eval.py visualize.py benchmark.py app.py default.yaml ./
+COPY *.py default.yaml ./
 COPY configs/ configs/
 COPY assets/ assets/
 
 # A non-root user. Runs with `--user "$(id -u):$(id -g)"`, so that files written into a
 # mounted folder belong to the host user, are some uid without a home of its own; so HOME,
-# where Hugging Face, matplotlib and Triton keep their caches, is /cache for every uid,
+# where Hugging Face and matplotlib keep their caches, is /cache for every uid,
 # and it and /app/outputs are writable by all (sticky, like /tmp).
 RUN useradd --uid 1000 --home-dir /cache --no-create-home user \
     && mkdir -p /app/outputs /cache \

@@ -7,8 +7,8 @@ CIFAR-10 classes and its attention rollout drawn over the image.
 Gradio's own variables choose the address: GRADIO_SERVER_NAME (default 127.0.0.1, the
 Docker image sets 0.0.0.0) and GRADIO_SERVER_PORT (default 7860). Without --model the
 model comes from HYBRID_VIT_MODEL, which is how the Docker image and a Hugging Face Space
-(space/README.md holds its header) choose it. The maps come from visualize.py; this file
-only wires them to the page.
+(space/README.md holds its header) choose it. The maps come from attention_maps.py; this
+file only wires them to the page.
 """
 
 import argparse
@@ -19,8 +19,9 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from run_folder import UserError, load_model
-from visualize import display_image, overlay, predict, relevance_map, rollout_map
+from attention_maps import display_image, model_outputs, overlay, relevance_map, rollout_map
+from errors import UserError, command
+from hub_folder import load_model
 
 MODEL_VARIABLE = "HYBRID_VIT_MODEL"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
@@ -55,7 +56,7 @@ def make_classifier(model, processor, method: str = DEFAULT_METHOD):
         if image is None:
             return None, None
         image = image.convert("RGB")
-        outputs = predict(model, processor, [image])
+        outputs = model_outputs(model, processor, [image])
         probabilities = outputs.logits[0].float().softmax(dim=-1)
         top = probabilities.topk(min(TOP_K, probabilities.numel()))
         labels = {model.config.id2label[int(i)]: float(p) for p, i in zip(top.values, top.indices)}
@@ -110,15 +111,12 @@ def parse_args(argv=None):
     return args
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        model, processor = load_model(args.model)
-        if not model.config.num_hidden_layers:
-            raise UserError(f"{args.model} has no transformer blocks (the backbone alone): the demo draws attention")
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model, processor = load_model(args.model)
+    if not model.config.num_hidden_layers:
+        raise UserError(f"{args.model} has no transformer blocks (the backbone alone): the demo draws attention")
     demo = build_demo(make_classifier(model, processor, args.method), args.model, model.config, args.method)
     # Examples are served from the checkout even when app.py is started from elsewhere.
     demo.launch(allowed_paths=[str(EXAMPLES_DIR)])

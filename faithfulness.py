@@ -3,24 +3,27 @@ image regions of the tokens, in the map's order (Petsiuk et al. 2018, "RISE"; as
 ViTs by Chefer et al. 2021), against two baselines that know nothing about the image: a
 random order, and one map shared by every image (the split's average).
 
-- deletion: blank the regions of the most relevant tokens first, and follow the
-  true class's probability as more are blanked; a faithful map makes it fall fast
-  (a low area under the curve);
+The class followed is the one each map explains: the model's prediction on the whole image
+(the relevance map is computed for it; rollout and CLS attention do not depend on a class).
+
+- deletion: blank the regions of the most relevant tokens first, and follow the predicted
+  class's probability as more are blanked; a faithful map makes it fall fast (a low area
+  under the curve);
 - insertion: start from a blank image and reveal the most relevant tokens first; a faithful
   map makes the probability rise fast (a high area).
 
 Blanked pixels take the normalised mean colour (0 after the processor's normalisation,
 the dataset's mean colour before it), so a blank region carries no information. Areas are
 means over images, with bootstrap 95% intervals over images. run_eval.py reports them; the
-maps come from visualize.py.
+maps come from attention_maps.py.
 """
 
 import torch
 from matplotlib.figure import Figure
 
-import visualize
+import attention_maps
 
-MAP_METHODS = ("rollout", "relevance", "cls")  # what visualize.py draws; the baselines follow
+MAP_METHODS = ("rollout", "relevance", "cls")  # what attention_maps.py draws; the baselines follow
 BLANK = 0.0  # the normalised mean colour: (mean - mean) / std
 
 
@@ -28,13 +31,13 @@ def method_maps(model, pixel_values: torch.Tensor, method: str) -> torch.Tensor:
     """(B, g, g) maps of `method` for a batch: the attention rollout, the gradient-weighted
     relevance for the predicted class, or the last layer's CLS attention (mean of heads)."""
     if method == "relevance":
-        return visualize.relevance_map(model, pixel_values)[0]
+        return attention_maps.relevance_map(model, pixel_values)[0]
     with torch.no_grad():
         attentions = model(pixel_values=pixel_values, output_attentions=True).attentions
     if method == "rollout":
-        return visualize.rollout_map(attentions)
+        return attention_maps.rollout_map(attentions)
     if method == "cls":
-        return visualize.cls_attention(attentions).mean(dim=1)
+        return attention_maps.cls_attention(attentions).mean(dim=1)
     raise ValueError(f"method must be one of {MAP_METHODS}, got {method!r}")
 
 
@@ -49,9 +52,9 @@ def token_mask(order: torch.Tensor, k: int, grid: int, patch_size: int) -> torch
 
 
 @torch.no_grad()
-def perturbation_curves(model, pixel_values, labels, order, steps, patch_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """The true class's probability after blanking (deletion) and after revealing (insertion)
-    the first k tokens of `order`, for each k in `steps`: two (B, len(steps)) tensors."""
+def perturbation_curves(model, pixel_values, classes, order, steps, patch_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probability of `classes` (B,) after blanking (deletion) and after revealing
+    (insertion) the first k tokens of `order`, for each k in `steps`: two (B, len(steps)) tensors."""
     grid = pixel_values.shape[-1] // patch_size
     deletion, insertion = [], []
     for k in steps:
@@ -59,7 +62,7 @@ def perturbation_curves(model, pixel_values, labels, order, steps, patch_size) -
         for images, curve in ((pixel_values.masked_fill(mask, BLANK), deletion),
                               (torch.where(mask, pixel_values, torch.full_like(pixel_values, BLANK)), insertion)):
             probabilities = model(pixel_values=images).logits.float().softmax(dim=-1)
-            curve.append(probabilities.gather(1, labels.view(-1, 1)).squeeze(1))
+            curve.append(probabilities.gather(1, classes.view(-1, 1)).squeeze(1))
     return torch.stack(deletion, dim=1), torch.stack(insertion, dim=1)
 
 
@@ -96,10 +99,10 @@ def order_of(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1).argsort(dim=1, descending=True, stable=True)
 
 
-def measure(model, pixel_values: torch.Tensor, labels: torch.Tensor, batch_size: int = 100, seed: int = 0,
-            progress: bool = True) -> dict:
+def measure(model, pixel_values: torch.Tensor, batch_size: int = 100, seed: int = 0, progress: bool = True) -> dict:
     """Deletion and insertion AUCs of every map method and both baselines on these images
-    (normalised, (N, C, H, W)), their mean curves, and which method is the most faithful
+    (normalised, (N, C, H, W)), each following the probability of the class the model
+    predicts for the whole image; their mean curves; and which method is the most faithful
     (the largest insertion minus deletion area). The average-map baseline averages that
     method's maps over the images."""
     from tqdm.auto import tqdm
@@ -108,6 +111,9 @@ def measure(model, pixel_values: torch.Tensor, labels: torch.Tensor, batch_size:
     num_tokens, patch_size = config.num_patches, config.patch_size
     stride = max(1, num_tokens // 8)
     steps = sorted(set(range(0, num_tokens, stride)) | {num_tokens})
+    with torch.no_grad():
+        labels = torch.cat([model(pixel_values=pixel_values[i : i + batch_size]).logits.argmax(-1)
+                            for i in range(0, len(pixel_values), batch_size)])
     batches = [(pixel_values[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
     maps = {method: torch.cat([method_maps(model, x, method).cpu() for x, _ in batches]) for method in MAP_METHODS}
     orders = {method: order_of(value) for method, value in maps.items()}
@@ -134,6 +140,7 @@ def measure(model, pixel_values: torch.Tensor, labels: torch.Tensor, batch_size:
     results = {name: summary(*areas[name]) for name in (*MAP_METHODS, "random", "average_map")}
     results["average_map"]["of"] = best
     results.update(
+        followed_class="predicted",
         most_faithful=best,
         num_images=len(labels),
         fractions=[k / num_tokens for k in steps],
@@ -195,7 +202,7 @@ def plot_curves(results: dict):
                     linewidth=2.5 if name == results["most_faithful"] else 1.5)
     for ax, kind, better in zip(axes, ("deletion", "insertion"), ("lower", "higher")):
         ax.set_xlabel(f"fraction of tokens {'blanked' if kind == 'deletion' else 'revealed'}, most relevant first")
-        ax.set_ylabel("probability of the true class")
+        ax.set_ylabel("probability of the predicted class")
         ax.set_title(f"{kind.capitalize()} ({better} area is more faithful)")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=8, title="map (area)")

@@ -1,334 +1,44 @@
-"""Look at what the hybrid ViT attends to: attention rollout, the CLS token's attention per
-head and the mean attention distance of each head; the command line draws the first two
-for a few images, one row each.
+"""Draw where a trained hybrid ViT looks: one row per image with the image and its prediction,
+the attention rollout from the CLS token over the pixels, and one layer's CLS attention per head
+(every map from `outputs.attentions`; attention_maps.py has the maths).
 
-    python visualize.py          # the release checkpoint on the bundled examples -> attention.png
-    python visualize.py --model outputs/hybrid-vit-cifar10 --dataset_name ../shared/data/cifar10 \
-        --num_images 8 --output attention.png
-    python visualize.py --model outputs/hybrid-vit-cifar10 --images cat.png dog.jpg --method heads [--layer 1]
-
-Every map is computed from `outputs.attentions`, the attention probabilities the model
-returns with `output_attentions=True` (one tensor per layer, (B, heads, T, T), token 0 the
-CLS token); nothing hooks into the model. The functions are imported by run_eval.py, the
-analysis notebook and the Gradio demo; loading models and images is run_folder.py's.
-
-Figures are `matplotlib.figure.Figure` objects, not pyplot ones: PNGs are rendered by Agg
-whatever the environment, nothing is kept in pyplot's global state (a web app can make
-many), and a notebook shows a returned figure inline.
+    python visualize.py                    # the release on the bundled examples -> attention.png
+    python visualize.py --model outputs/hybrid-vit-cifar10 --dataset_name ../shared/data/cifar10 --num_images 8
+    python visualize.py --images cat.png dog.jpg --method relevance
 """
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-import matplotlib
-import numpy as np
-import torch
-import torch.nn.functional as F
-from matplotlib.figure import Figure
-from PIL import Image
+from attention_maps import METHODS, attention_figure
+from cifar10_data import dataset_images, load_split, sample_indices
+from errors import UserError, command
+from hub_folder import load_model
+from training_settings import split_of
 
-from run_folder import UserError, dataset_images, load_model, load_split, open_image, sample_indices
-
-METHODS = ("rollout", "relevance", "cls", "heads")
 PROJECT = Path(__file__).resolve().parent
 RELEASE = PROJECT / "checkpoints" / "hybrid-vit-cifar10"
 EXAMPLES = PROJECT / "assets" / "examples"
-DISPLAY_SIZE = 128  # pixels: 32x32 images are upsampled (bicubic) so a figure is legible
-COLORMAP = "inferno"
-CORRECT_COLOUR, WRONG_COLOUR = "#1a7f37", "#cf222e"
 
 
-# ---------------------------------------------------------------------- attention maths
+def open_image(path):
+    """An image file as a PIL image, or one clear line."""
+    from PIL import Image
 
-
-def grid_side(num_patches: int) -> int:
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(f"expected a square grid of patch tokens, got {num_patches} tokens after CLS")
-    return side
-
-
-def attention_rollout(attentions) -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema 2020, eq. 1): average the heads, add the identity
-    for the residual connection, renormalise the rows, and multiply through the layers,
-    rollout_l = A_l @ rollout_(l-1). Returns (B, T, T); row i says how much of input token j
-    flows into token i at the last layer, and each row sums to 1."""
-    rollout = None
-    for attention in attentions:
-        A = attention.float().mean(dim=1)  # (B, T, T)
-        A = A + torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        A = A / A.sum(dim=-1, keepdim=True)
-        rollout = A if rollout is None else A @ rollout
-    return rollout
-
-
-def rollout_map(attentions) -> torch.Tensor:
-    """The CLS row of the rollout over the patch tokens as a (B, g, g) map, max 1 per image."""
-    cls_row = attention_rollout(attentions)[:, 0, 1:]  # (B, N)
-    B, N = cls_row.shape
-    g = grid_side(N)
-    cls_row = cls_row / cls_row.amax(dim=-1, keepdim=True).clamp_min(1e-12)
-    return cls_row.reshape(B, g, g)
-
-
-def gradient_relevance(attentions, gradients) -> torch.Tensor:
-    """Gradient-weighted attention relevance (Chefer, Gur & Wolf, ICCV 2021, eq. 5-6): start
-    from the identity and, layer by layer, R <- R + mean over heads of (grad A * A)^+ @ R,
-    where grad A is the gradient of the explained class's logit with respect to A. Unlike
-    rollout, it weighs each attention by how much it moved the decision, so a layer that
-    attends evenly but does not matter adds nothing. Returns (B, T, T)."""
-    relevance = None
-    for attention, gradient in zip(attentions, gradients):
-        A = (gradient.float() * attention.float()).clamp_min(0).mean(dim=1)  # (B, T, T)
-        if relevance is None:
-            relevance = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A).clone()
-        relevance = relevance + A @ relevance
-    return relevance
-
-
-def relevance_map(model, pixel_values: torch.Tensor, target=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient-weighted relevance of the patch tokens for the CLS token, as a (B, g, g)
-    map (max 1 per image), for class `target` ((B,) tensor; default: the predicted class),
-    and the logits. The gradients come from `outputs.attentions` through the model's one
-    explicit attention path (torch.autograd.grad), not from hooks."""
-    with torch.enable_grad():
-        outputs = model(pixel_values=pixel_values, output_attentions=True)
-        logits = outputs.logits.float()
-        target = logits.argmax(dim=-1) if target is None else torch.as_tensor(target, device=logits.device)
-        score = logits.gather(1, target.view(-1, 1)).sum()  # images are independent: one backward for the batch
-        gradients = torch.autograd.grad(score, outputs.attentions)
-    cls_row = gradient_relevance([a.detach() for a in outputs.attentions], gradients)[:, 0, 1:]  # (B, N)
-    B, N = cls_row.shape
-    g = grid_side(N)
-    return (cls_row / cls_row.amax(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(B, g, g), logits.detach()
-
-
-def cls_attention(attentions, layer: int = -1) -> torch.Tensor:
-    """What the CLS query attends to in one layer, per head: (B, heads, g, g). These are the
-    raw probabilities; they sum to 1 minus the CLS token's attention to itself."""
-    cls_row = attentions[layer][:, :, 0, 1:].float()  # (B, heads, N)
-    B, H, N = cls_row.shape
-    g = grid_side(N)
-    return cls_row.reshape(B, H, g, g)
-
-
-def patch_distances(num_patches: int, patch_size: int) -> torch.Tensor:
-    """(N, N) Euclidean distances in pixels between patch centres on the g x g token grid."""
-    g = grid_side(num_patches)
-    rows, cols = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
-    centres = torch.stack([rows.flatten(), cols.flatten()], dim=-1).float() * patch_size  # (N, 2)
-    return torch.cdist(centres, centres)
-
-
-def mean_attention_distance(attention: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Mean attention distance of each head of one layer (Dosovitskiy et al. 2021, fig. 7):
-    the attention-weighted pixel distance between a query patch and the patches it attends
-    to, averaged over queries and images, the ViT analogue of a CNN's receptive field size.
-    Only patch tokens count: the CLS query and key are dropped and each row renormalised
-    over the patch keys. A class-attention block's patch rows are the identity (it does not
-    mix the patch tokens), so it measures 0. attention: (B, heads, T, T); returns (heads,) in pixels."""
-    patches = attention[:, :, 1:, 1:].float()  # (B, heads, N, N)
-    patches = patches / patches.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    distance = patch_distances(patches.shape[-1], patch_size).to(patches.device)
-    per_query = (patches * distance).sum(dim=-1)  # (B, heads, N)
-    return per_query.mean(dim=(0, 2))
-
-
-def attention_distances(attentions, patch_size: int) -> torch.Tensor:
-    """mean_attention_distance of every layer: (layers, heads), in pixels."""
-    return torch.stack([mean_attention_distance(attention, patch_size) for attention in attentions])
-
-
-def cls_entropy_per_image(attention: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of the CLS token's attention over the patches in one layer, per image
-    and head: (B, heads). The row is renormalised over the patch keys, so log(num_patches)
-    means spread evenly over the image and 0 all on one patch."""
-    p = attention[:, :, 0, 1:].float()  # (B, heads, N)
-    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    return -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
-
-
-def cls_attention_entropy(attentions) -> torch.Tensor:
-    """`cls_entropy_per_image` of every layer, averaged over images: (layers, heads)."""
-    return torch.stack([cls_entropy_per_image(attention).mean(dim=0) for attention in attentions])
-
-
-def is_uniform(heatmap: torch.Tensor, rtol: float = 1e-4) -> bool:
-    """Whether a map is flat: its values differ by less than `rtol` of the largest. A layer
-    whose queries and keys have decayed to zero attends evenly, and its maps are flat."""
-    values = heatmap.detach().float()
-    return bool(values.max() - values.min() <= rtol * values.abs().max().clamp_min(1e-12))
-
-
-def draw_map(ax, heatmap: torch.Tensor, image: Image.Image | None = None) -> None:
-    """One panel: the map over `image`, or, without one, the raw token grid (one square per
-    token, stretched to its own range). A flat map is drawn in the colormap's middle and
-    labelled "uniform"."""
-    uniform = is_uniform(heatmap)
-    if image is not None:
-        ax.imshow(overlay(image, heatmap))
-    else:
-        grid = heatmap.detach().float().cpu().numpy()
-        level = float(grid.mean())
-        limits = {"vmin": 0.0, "vmax": 2 * level} if uniform and level > 0 else {}
-        ax.imshow(grid, cmap=COLORMAP, interpolation="nearest", **limits)
-    if uniform:
-        ax.text(0.5, 0.5, "uniform", transform=ax.transAxes, ha="center", va="center", color="white", fontsize=9)
-
-
-def overlay(image: Image.Image, heatmap: torch.Tensor, cmap: str = COLORMAP, alpha: float = 0.55) -> np.ndarray:
-    """Blend a (g, g) heatmap, upsampled bilinearly to the image size and stretched to its
-    own min..max, with the image through a matplotlib colormap: (H, W, 3) floats in [0, 1]."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
-    H, W = pixels.shape[:2]
-    heat = F.interpolate(heatmap.detach().float().cpu()[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0]
-    # An even map (attention spread equally) gets the colormap's middle, not its bottom:
-    # stretched to its own range it would come out black, like a map of no attention.
-    heat = torch.full_like(heat, 0.5) if is_uniform(heatmap) else (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
-    colours = matplotlib.colormaps[cmap](heat.numpy())[..., :3]
-    return np.clip((1.0 - alpha) * pixels + alpha * colours, 0.0, 1.0)
-
-
-# ------------------------------------------------------------------------- images
-
-
-def predict(model, processor, images):
-    """Run the model on PIL images (any mode: converted to RGB) with attentions returned."""
-    inputs = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-    with torch.no_grad():
-        return model(pixel_values=inputs["pixel_values"].to(model.device), output_attentions=True)
-
-
-def display_image(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
-    """The image as the model sees it (squashed to a square, like its processor does),
-    upsampled so it is legible next to the maps."""
-    return image.convert("RGB").resize((size, size), Image.BICUBIC)
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def attention_figure(model, processor, images, true_labels=None, names=None, method: str = "rollout", layer: int | None = None):
-    """One row per image: the image with its true label (or, when unknown, its name from
-    `names`) and the prediction with its probability, then the attention rollout, the CLS
-    attention of `layer` (counted from 1; default the last) averaged over heads, and that
-    attention for each head.
-    `method` chooses the emphasis: `rollout`, `relevance` (gradient-weighted, Chefer et al.
-    2021, for the predicted class; an extra column) and `cls` draw that map over the image in
-    the second column, `heads` draws every head over it; the other maps show the raw token grid."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not images:
-        fig = Figure(figsize=(4, 1))
-        fig.text(0.5, 0.5, "no images to show", ha="center", va="center")
-        return fig
-    outputs = predict(model, processor, images)
-    probabilities = outputs.logits.float().softmax(dim=-1)
-    relevance = None
-    if method == "relevance":
-        pixel_values = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
-        relevance = relevance_map(model, pixel_values.to(model.device))[0]  # (B, g, g), for the predicted class
-    confidence, predicted = probabilities.max(dim=-1)
-    rollout = rollout_map(outputs.attentions)  # (B, g, g)
-    num_layers = len(outputs.attentions)
-    layer = num_layers if layer is None else layer
-    if not 1 <= layer <= num_layers:
-        raise UserError(f"layer must be between 1 and {num_layers} (this model's transformer layers), got {layer}")
-    heads = cls_attention(outputs.attentions, layer - 1)  # (B, nh, g, g)
-
-    panels = [  # (title, (B, g, g) maps, drawn over the image)
-        ("attention rollout", rollout, method == "rollout"),
-        (f"layer {layer} CLS, mean of heads", heads.mean(dim=1), method == "cls"),
-    ]
-    if method == "cls":
-        panels.reverse()
-    if relevance is not None:
-        panels.insert(0, ("gradient relevance (predicted class)", relevance, True))
-    panels += [(f"layer {layer} head {h + 1}", heads[:, h], method == "heads") for h in range(heads.shape[1])]
-
-    B, ncols = len(images), 1 + len(panels)
-    panel = 2.0
-    fig = Figure(figsize=(panel * ncols, (panel + 0.4) * B + 0.8))
-    axes = fig.subplots(B, ncols, squeeze=False)
-    for b, image in enumerate(images):
-        shown = display_image(image)
-        label = model.config.id2label[int(predicted[b])]
-        first = f"true: {true_labels[b]}" if true_labels is not None else (names[b] if names is not None else f"image {b + 1}")
-        colour = "black" if true_labels is None else (CORRECT_COLOUR if true_labels[b] == label else WRONG_COLOUR)
-        axes[b, 0].imshow(shown)
-        axes[b, 0].set_title(f"{first}\npred: {label} {confidence[b]:.0%}", fontsize=10, color=colour)
-        for ax, (title, maps, overlaid) in zip(axes[b, 1:], panels):
-            draw_map(ax, maps[b], shown if overlaid else None)
-            if b == 0:
-                ax.set_title(title, fontsize=10)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    emphasis = {
-        "rollout": "Attention rollout from the CLS token drawn over the image",
-        "relevance": "Gradient-weighted attention relevance for the predicted class drawn over the image",
-        "cls": f"Layer {layer}'s CLS attention (mean of heads) drawn over the image",
-        "heads": f"Each head's CLS attention in layer {layer} drawn over the image",
-    }[method]
-    fig.suptitle(
-        f"{emphasis}; other maps show the {heads.shape[-1]}x{heads.shape[-1]} token grid.\n"
-        "Each map is scaled to its own range (bright = most attention).",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    return fig
-
-
-def plot_attention_distance(distances: torch.Tensor, patch_size: int, num_patches: int):
-    """Mean attention distance of every head against depth, as in ViT fig. 7, with the
-    distance that attention spread evenly over the grid would give.
-    distances: (layers, heads) in pixels, from `attention_distances`."""
-    L, H = distances.shape
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for h in range(H):
-        x = np.arange(1, L + 1) + 0.08 * (h - (H - 1) / 2)  # side by side, so equal distances stay visible
-        ax.scatter(x, distances[:, h].cpu().numpy(), label=f"head {h + 1}", s=40, alpha=0.85)
-    uniform = patch_distances(num_patches, patch_size).mean().item()
-    ax.axhline(uniform, color="grey", linestyle=":", linewidth=1.2, label="uniform attention")
-    ax.set_xlabel("layer (network depth)")
-    ax.set_ylabel("mean attention distance (pixels)")
-    ax.set_xticks(np.arange(1, L + 1))
-    ax.set_ylim(0, max(uniform, distances.max().item()) * 1.15)
-    ax.legend(fontsize=8, ncol=2, loc="lower right")
-    ax.set_title("How far each head looks")
-    fig.tight_layout()
-    return fig
-
-
-def plot_cls_entropy(entropy: torch.Tensor, num_patches: int):
-    """Entropy of the CLS token's attention per layer and head, with the uniform maximum.
-    entropy: (layers, heads) in nats, from `cls_attention_entropy`."""
-    L, H = entropy.shape
-    layers = np.arange(1, L + 1)
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for h in range(H):
-        ax.plot(layers, entropy[:, h].cpu().numpy(), marker="o", label=f"head {h + 1}")
-    ax.axhline(math.log(num_patches), color="grey", linestyle=":", label=f"uniform over {num_patches} patches")
-    ax.set_xlabel("layer (network depth)")
-    ax.set_ylabel("entropy of CLS attention (nats)")
-    ax.set_xticks(layers)
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    ax.set_title("Where the CLS token concentrates its attention")
-    fig.tight_layout()
-    return fig
-
-
-# ------------------------------------------------------------------------------ command line
+    if not Path(path).is_file():
+        raise UserError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read image {path}: {error}") from error
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(RELEASE), help="a saved model folder or a Hub id (default: the release checkpoint)")
+    parser.add_argument("--model", default=str(RELEASE), help="a saved model folder or a Hub id (default: the release)")
     parser.add_argument("--images", nargs="+", help="image files (default: the bundled examples, assets/examples/*.png)")
     parser.add_argument("--dataset_name", default=None,
                         help="a Hub id (uoft-cs/cifar10) or a local folder to sample --num_images from, instead of --images")
@@ -336,46 +46,40 @@ def parse_args(argv=None):
     parser.add_argument("--num_images", type=int, default=8, help="images sampled from the dataset")
     parser.add_argument("--seed", type=int, default=0, help="which images are sampled")
     parser.add_argument("--method", choices=METHODS, default="rollout",
-                        help="what is drawn over the image: the rollout, the gradient-weighted relevance for the predicted class, "
-                             "--layer's CLS attention (mean of heads), or each head")
-    parser.add_argument("--layer", type=int, default=None,
-                        help="the transformer layer (from 1) whose CLS attention is drawn per head; default the last")
+                        help="what is drawn over the image: the rollout, the gradient-weighted relevance for the predicted "
+                             "class, --layer's CLS attention (mean of heads), or each head")
+    parser.add_argument("--layer", type=int, default=None, help="the layer (from 1) whose CLS attention is drawn; default the last")
     parser.add_argument("--output", default="attention.png", help="PNG file to write")
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error("--num_images must be at least 1")
     if args.layer is not None and args.layer < 1:
         parser.error("--layer counts from 1")
+    if args.images and args.dataset_name:
+        parser.error("give --images or --dataset_name, not both")
     return args
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        # Check the inputs before the slow model and dataset loading.
-        if args.images and args.dataset_name:
-            raise UserError("give --images or --dataset_name, not both")
-        images = [open_image(path) for path in args.images] if args.images else None
-        model, processor = load_model(args.model)
-        if not model.config.num_hidden_layers:
-            raise UserError(f"{args.model} has no transformer blocks (the backbone alone): it has no attention to draw")
-        if args.layer is not None and args.layer > model.config.num_hidden_layers:
-            raise UserError(f"--layer {args.layer}: {args.model} has {model.config.num_hidden_layers} transformer layers")
-        if args.dataset_name is None:
-            paths = args.images or sorted(str(path) for path in EXAMPLES.glob("*.png"))
-            images = images or [open_image(path) for path in paths]
-            true_labels, names = None, [Path(path).name for path in paths]
-        else:
-            dataset, image_column, label_column, split = load_split(args.model, args.dataset_name, args.split)
-            indices = sample_indices(len(dataset), args.num_images, args.seed)
-            images, true_labels = dataset_images(dataset, image_column, label_column, indices)
-            names = None
-        fig = attention_figure(model, processor, images, true_labels, names, args.method, args.layer)
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.output, dpi=110)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    images = [open_image(path) for path in args.images] if args.images else None  # checked before the slow loading
+    model, processor = load_model(args.model)
+    if not model.config.num_hidden_layers:
+        raise UserError(f"{args.model} has no transformer blocks (the backbone alone): it has no attention to draw")
+    if args.layer is not None and args.layer > model.config.num_hidden_layers:
+        raise UserError(f"--layer {args.layer}: {args.model} has {model.config.num_hidden_layers} transformer layers")
+    if args.dataset_name is None:
+        paths = args.images or sorted(str(path) for path in EXAMPLES.glob("*.png"))
+        images = images or [open_image(path) for path in paths]
+        true_labels, names = None, [Path(path).name for path in paths]
+    else:
+        dataset, image_column, label_column, _ = load_split(args.dataset_name, args.split, *split_of(args.model))
+        indices = sample_indices(len(dataset), args.num_images, args.seed)
+        (images, true_labels), names = dataset_images(dataset, image_column, label_column, indices), None
+    figure = attention_figure(model, processor, images, true_labels, names, args.method, args.layer)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.output, dpi=110)
     print(f"wrote {Path(args.output).resolve()}", file=sys.stderr)
     return 0
 

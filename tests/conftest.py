@@ -50,7 +50,7 @@ def run_isolated(code: str, cwd, timeout=300) -> subprocess.CompletedProcess:
         import sys, importlib.abc
         class _BlockProject(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name in ("configuration_hybrid_vit", "modeling_hybrid_vit", "cifar10_data", "run_train"):
+                if name in ("configuration_hybrid_vit", "modeling_hybrid_vit", "cifar10_data", "hub_folder", "run_train"):
                     raise ImportError(f"{name} must not be importable here")
         sys.meta_path.insert(0, _BlockProject())
         sys.path = [p for p in sys.path if p not in ("", ".", %r)]

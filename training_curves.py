@@ -1,0 +1,83 @@
+"""A training run's curves, from the training_log.json that run_train.py writes into its output
+folder: validation accuracy and training loss of several runs against training time, and one
+run's loss, accuracy and learning rates against its steps."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from errors import UserError
+
+
+def read_log(run_dir) -> tuple[list[dict], list[dict]]:
+    """(evaluations, training-loss records) from a run folder's training_log.json."""
+    path = Path(run_dir) / "training_log.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: is {run_dir} a run_train.py output folder?")
+    records = json.loads(path.read_text())
+    evaluations = [r for r in records if "eval_accuracy" in r and "train_seconds" in r]
+    if not evaluations:
+        raise UserError(f"{path} has no evaluation yet")
+    return evaluations, [r for r in records if "train_loss" in r]
+
+
+def time_to_target(run_dir, target: float) -> str:
+    """When a run's validation accuracy first reached `target`, in words."""
+    evaluations, _ = read_log(run_dir)
+    hit = next((r for r in evaluations if r["eval_accuracy"] >= target), None)
+    if hit is None:
+        best = max(r["eval_accuracy"] for r in evaluations)
+        return f"never reached {100 * target:g}%: best {100 * best:.2f}%, last evaluation at {evaluations[-1]['train_seconds']:.1f} s"
+    return f"{100 * hit['eval_accuracy']:.2f}% at {hit['train_seconds']:.1f} s (epoch {hit['epoch']:g})"
+
+
+def plot_runs(run_dirs, labels=None, seconds=False, target=None, title=None):
+    """Validation accuracy after each epoch and the logged training loss of each run, against
+    training time (minutes, or seconds); the legend gives each run's last accuracy."""
+    labels = labels or [Path(d).name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise UserError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    unit = "seconds" if seconds else "minutes"
+    figure = Figure(figsize=(11, 4.2))
+    accuracy_axis, loss_axis = figure.subplots(1, 2)
+    for run_dir, label in zip(run_dirs, labels):
+        evaluations, losses = read_log(run_dir)
+        times = [r["train_seconds"] / (1 if seconds else 60) for r in evaluations]
+        accuracy = [100 * r["eval_accuracy"] for r in evaluations]
+        (line,) = accuracy_axis.plot(times, accuracy, marker="o", markersize=3, label=f"{label}: {accuracy[-1]:.2f}%")
+        if losses:  # loss records carry steps, not seconds: place them by the epoch clock
+            loss_times = np.interp([r["epoch"] for r in losses], [0.0, *[r["epoch"] for r in evaluations]], [0.0, *times])
+            loss_axis.plot(loss_times, [r["train_loss"] for r in losses], color=line.get_color(), linewidth=1, label=label)
+    if target is not None:
+        accuracy_axis.axhline(100 * target, color="grey", linestyle="--", linewidth=1)
+    accuracy_axis.set(xlabel=f"training {unit}", ylabel="validation accuracy (%)", title="Validation accuracy after each epoch")
+    loss_axis.set(xlabel=f"training {unit}", ylabel="training loss", title="Training loss (logged steps)")
+    if title:
+        figure.suptitle(title)
+    for axis in (accuracy_axis, loss_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def plot_training_log(run_dir):
+    """One run: training and validation loss against steps, validation accuracy against
+    epochs, both optimisers' learning rates against steps."""
+    evaluations, losses = read_log(run_dir)
+    figure = Figure(figsize=(14, 3.8))
+    loss_axis, accuracy_axis, rate_axis = figure.subplots(1, 3)
+    loss_axis.plot([r["step"] for r in losses], [r["train_loss"] for r in losses], label="train (batch)", alpha=0.7)
+    loss_axis.plot([r["step"] for r in evaluations], [r["eval_loss"] for r in evaluations], "o-", label="validation")
+    accuracy_axis.plot([r["epoch"] for r in evaluations], [r["eval_accuracy"] for r in evaluations], "o-", color="#1a7f37")
+    for key, name in (("learning_rate", "backbone (SGD)"), ("transformer_learning_rate", "transformer (AdamW)")):
+        rate_axis.plot([r["step"] for r in losses if key in r], [r[key] for r in losses if key in r], label=name)
+    loss_axis.set(xlabel="step", ylabel="loss", title="Loss")
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy", title=f"Validation accuracy (last {evaluations[-1]['eval_accuracy']:.1%})")
+    rate_axis.set(xlabel="step", ylabel="learning rate", title="Learning rates", yscale="log")
+    loss_axis.legend()
+    rate_axis.legend()
+    figure.tight_layout()
+    return figure
