@@ -226,12 +226,12 @@ def plan_schedule(loop: Loop, schedule: ScheduleSettings, saved_state, label_smo
     """The schedule's length in steps, and the seconds spent measuring it: max_train_steps, or
     num_train_epochs, or (num_train_epochs auto) as many steps as fit into max_train_minutes
     at this run's measured speed. A fitted length travels in every checkpoint, so a resumed
-    run keeps it."""
-    if saved_state is not None:
-        return saved_state["schedule"], 0.0
+    run keeps it; a fixed one is the command's."""
     if schedule.max_train_steps is not None or schedule.num_train_epochs != "auto":
         steps = schedule.max_train_steps or max(1, int(schedule.num_train_epochs * loop.steps_per_epoch))
         return {"fitted": False, "max_train_steps": steps}, 0.0
+    if saved_state is not None:
+        return saved_state["schedule"], 0.0
     def step(batch):
         forward_backward(loop, batch, label_smoothing)
         step_optimizers(loop.optimizers)
@@ -463,6 +463,7 @@ def train(settings: Settings, command_line: str) -> dict:
         log(f"resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
         state = TrainerState(**{key: saved_state[key] for key in asdict(TrainerState()) if key in saved_state})
+        state.schedule = plan
     if report_to != "none":
         accelerator.init_trackers("tensorboard", config={k: str(v) for s in settings.to_dict().values() for k, v in s.items()})
     log(f"{', '.join(f'{n} {name}' for name, n in data.sizes.items())} images; {facts['num_parameters']:,} parameters; "

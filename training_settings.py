@@ -214,13 +214,16 @@ def prepare_command_line(argv) -> tuple[list[str], list[str]]:
         has_value = word.startswith("--") and index + 1 < len(argv) and not argv[index + 1].startswith("--")
         if word in known and has_value and argv[index + 1].lower() == "null":
             nulls.append(word[2:])
-        elif word in lists and has_value:
-            words += [word, *argv[index + 1].replace("[", " ").replace("]", " ").replace(",", " ").split()]
-        else:
-            words.append(word)
-            index += 1
+            index += 2
             continue
-        index += 2
+        if word in known:  # a later value wins over an earlier null
+            nulls = [key for key in nulls if key != word[2:]]
+        if word in lists and has_value:
+            words += [word, *argv[index + 1].replace("[", " ").replace("]", " ").replace(",", " ").split()]
+            index += 2
+            continue
+        words.append(word)
+        index += 1
     return words, nulls
 
 
