@@ -167,6 +167,8 @@ class HybridViTConfig(PretrainedConfig):
         self._validate_architecture()
 
     def _validate_architecture(self):
+        """Every field in range; a bad value raises a ValueError naming it."""
+
         def positive_int(name):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -205,6 +207,10 @@ class HybridViTConfig(PretrainedConfig):
             raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}")
         if isinstance(self.logit_temperature, bool) or not (isinstance(self.logit_temperature, (int, float)) and self.logit_temperature > 0):
             raise ValueError(f"`logit_temperature` must be a positive number, got {self.logit_temperature!r}")
+        self._validate_shape()
+
+    def _validate_shape(self):
+        """The blocks, the pooling and the token grid fit together."""
         layers = self.num_hidden_layers
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
             raise ValueError(f"`num_hidden_layers` must be 0 (the backbone alone) or a positive integer, got {layers!r}")

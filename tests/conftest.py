@@ -20,11 +20,14 @@ from modeling_hybrid_vit import HybridViTForImageClassification  # noqa: E402
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = PROJECT_ROOT.parent / "shared" / "data" / "cifar10"
 
+# Two self-attention blocks over a 4x4 grid of 16 tokens: small, and every attention path.
 TINY_MODEL = dict(
     image_size=16,
     backbone_hidden_sizes=[8, 16],
+    token_stages=1,
     hidden_size=16,
     num_hidden_layers=2,
+    class_attention_layers=0,
     num_attention_heads=2,
     intermediate_size=32,
 )
