@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import hardware
+from errors import command
 from cifar10_data import MixCollator, build_datasets, load_splits
 from optimization import make_optimizers
 from training_settings import load_settings
@@ -222,10 +223,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+@command
+def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
+    args.configs = [path if path == "default.yaml" or Path(path).is_file() else str(PROJECT_ROOT / path) for path in args.configs]
     device = torch.device(args.device)
     precision, reason = hardware.choose_mixed_precision(args.mixed_precision, device)
     print(f"mixed precision: {precision} ({reason})", file=sys.stderr)
@@ -252,8 +255,8 @@ def main(argv=None) -> dict:
     table = markdown_table(report)
     Path(args.output_md).write_text(table)
     print(table)
-    return report
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -161,8 +161,9 @@ def main(argv=None) -> int:
     plot_mistakes(dataset, image_column, label_column, mistakes, logits.softmax(-1), label_names).savefig(out / "mistakes.png", dpi=110)
     if args.save_temperature:
         model.config.logit_temperature = results["calibration"]["fitted_temperature"]
-        model.config.save_pretrained(args.model)
-        print(f"temperature {model.config.logit_temperature:.4f} saved in {Path(args.model) / 'config.json'}", file=sys.stderr)
+        folder = Path(args.model).expanduser()  # as load_model read it: `~/model` is not a folder named `~`
+        model.config.save_pretrained(folder)
+        print(f"temperature {model.config.logit_temperature:.4f} saved in {folder / 'config.json'}", file=sys.stderr)
     report(results, out)
     return 0
 

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -483,7 +484,7 @@ def train(settings: Settings, command_line: str) -> dict:
 @command
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    train(load_settings(argv), command_line="python run_train.py " + " ".join(argv))
+    train(load_settings(argv), command_line=shlex.join(["python", "run_train.py", *argv]))
     return 0
 
 

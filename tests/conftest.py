@@ -14,6 +14,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# Tiny tensors: two threads only fight over the two cores.
+torch.set_num_threads(1)
+
 from configuration_hybrid_vit import HybridViTConfig  # noqa: E402
 from modeling_hybrid_vit import HybridViTForImageClassification  # noqa: E402
 

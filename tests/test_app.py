@@ -21,6 +21,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import app  # noqa: E402
+from attention_maps import display_image, model_outputs, overlay, relevance_map, rollout_map  # noqa: E402
 from configuration_hybrid_vit import HybridViTConfig  # noqa: E402
 from modeling_hybrid_vit import HybridViTForImageClassification, save_model_and_processor  # noqa: E402
 
@@ -32,15 +33,33 @@ PAGE_TIMEOUT = 60  # seconds, for each of: server start, page load, prediction s
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
+    """A tiny model for the ten CIFAR-10 classes whose classifier weights are larger than the
+    initialisation's, so that its probabilities differ clearly from one class to the next."""
     torch.manual_seed(0)
+    model = HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL)).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 1.0)
     folder = tmp_path_factory.mktemp("tiny-model")
-    save_model_and_processor(HybridViTForImageClassification(HybridViTConfig(**TINY_MODEL)).eval(), folder)
+    save_model_and_processor(model, folder)
     return folder
 
 
 @pytest.fixture(scope="module")
-def classify(model_folder):
-    return app.make_classifier(*app.load_model(str(model_folder)))
+def loaded(model_folder):
+    return app.load_model(str(model_folder))
+
+
+@pytest.fixture(scope="module")
+def classify(loaded):
+    return app.make_classifier(*loaded)
+
+
+@pytest.fixture(scope="module")
+def hub_pipeline(model_folder):
+    """The model as a Hub user runs it: transformers' image-classification pipeline."""
+    from transformers import pipeline
+
+    return pipeline("image-classification", model=str(model_folder), trust_remote_code=True)
 
 
 def photo(size=(40, 24)):
@@ -51,13 +70,16 @@ def photo(size=(40, 24)):
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
-def test_classify_returns_top5_and_overlay(classify, mode):
-    labels, overlay = classify(photo().convert(mode))
-    assert len(labels) == app.TOP_K
-    assert set(labels) <= set(HybridViTConfig().id2label.values())
-    probabilities = list(labels.values())
-    assert all(0.0 <= p <= 1.0 for p in probabilities)
-    assert sum(probabilities) <= 1.0 + 1e-6
+def test_classify_shows_the_five_most_probable_classes_as_the_pipeline_scores_them(classify, hub_pipeline, mode):
+    image = photo().convert(mode)
+    labels, overlay = classify(image)
+    expected = hub_pipeline(image, top_k=app.TOP_K)  # the five largest of the softmax, most probable first
+    assert list(labels) == [row["label"] for row in expected]
+    assert list(labels.values()) == pytest.approx([row["score"] for row in expected], abs=1e-6)
+    # Most probable first, each more probable than the next by more than the tolerance above,
+    # so that the order compared is not a matter of rounding.
+    values = list(labels.values())
+    assert all(a - b > 1e-6 for a, b in zip(values, values[1:]))
     assert overlay.shape == (app.OVERLAY_SIZE, app.OVERLAY_SIZE, 3) and overlay.dtype == np.uint8
 
 
@@ -184,7 +206,7 @@ def browser(tmp_path):
         driver.quit()
 
 
-def test_page_shows_prediction_and_overlay_for_an_upload(demo_url, browser, classify, tmp_path):
+def test_page_shows_prediction_and_overlay_for_an_upload(browser, demo_url, classify, tmp_path):
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -214,10 +236,28 @@ def test_page_shows_prediction_and_overlay_for_an_upload(demo_url, browser, clas
     assert browser.execute_script("return arguments[0].naturalWidth", overlay) == app.OVERLAY_SIZE
 
 
-def test_the_demo_draws_the_chosen_map_rollout_by_default(model_folder):
-    model, processor = app.load_model(str(model_folder))
+def test_the_demo_draws_the_chosen_map_rollout_by_default(loaded):
+    """Over the image as the model sees it (squashed to a square): the attention rollout by
+    default, the relevance for the predicted class when asked; the prediction is the same."""
+    model, processor = loaded
     assert app.DEFAULT_METHOD == "rollout" and app.parse_args(["--model", "m"]).method == "rollout"
-    rollout = app.make_classifier(model, processor)(photo())
-    relevance = app.make_classifier(model, processor, "relevance")(photo())
-    assert rollout[0] == pytest.approx(relevance[0])  # the same prediction, another map
-    assert relevance[1].shape == rollout[1].shape and not np.array_equal(relevance[1], rollout[1])
+    image = photo()
+    shown = display_image(image, app.OVERLAY_SIZE)
+    rollout = app.make_classifier(model, processor)(image)
+    relevance = app.make_classifier(model, processor, "relevance")(image)
+    assert rollout[0] == pytest.approx(relevance[0])
+    expected_rollout = overlay(shown, rollout_map(model_outputs(model, processor, [image]).attentions)[0])
+    pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"]
+    expected_relevance = overlay(shown, relevance_map(model, pixel_values)[0][0])
+    np.testing.assert_array_equal(rollout[1], (expected_rollout * 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(relevance[1], (expected_relevance * 255).round().astype(np.uint8))
+    assert not np.array_equal(relevance[1], rollout[1])
+
+
+def test_a_model_without_transformer_blocks_is_refused_in_one_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    backbone = HybridViTConfig(**{**TINY_MODEL, "num_hidden_layers": 0, "class_attention_layers": 0, "pooling": "mean"})
+    save_model_and_processor(HybridViTForImageClassification(backbone).eval(), tmp_path / "backbone")
+    assert app.main(["--model", str(tmp_path / "backbone")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'backbone'} has no transformer blocks (the backbone alone): the demo draws attention")

@@ -1,6 +1,7 @@
-"""The Dockerfile, checked without a Docker engine: everything it copies is in the build
-context, it installs the project the way the README says, it runs as a non-root user, it
-has a CUDA variant, and its demo defaults fit the training defaults."""
+"""The Dockerfile, checked without a Docker engine: everything it copies (globs matched as
+Docker matches them) is in the build context, every module and what the scripts read is
+copied, it installs the project the way the README says, it runs as a non-root user, it has
+a CUDA variant, and its demo defaults fit the training defaults."""
 
 import json
 import re
@@ -40,56 +41,90 @@ def instructions() -> list[tuple[str, str]]:
     return result
 
 
-def copy_sources() -> list[str]:
-    """Sources of every COPY/ADD from the build context (not `--from` another stage)."""
+def json_or_words(arguments: str) -> list[str]:
+    """A COPY's arguments in JSON form (`["a", "b", "./"]`), or else split on spaces: as Docker
+    reads them, a glob such as `[a-r]*.py` that is not JSON is a word."""
+    try:
+        words = json.loads(arguments)
+    except ValueError:
+        return shlex.split(arguments)
+    return words if isinstance(words, list) else shlex.split(arguments)
+
+
+def copy_sources(before_install: bool = False) -> list[str]:
+    """Sources of every COPY/ADD from the build context (not `--from` another stage), as
+    written (globs included); with `before_install`, only those before the project's install."""
     sources = []
     for keyword, arguments in instructions():
+        if before_install and keyword == "RUN" and PROJECT_INSTALL.search(arguments):
+            return sources
         if keyword not in ("COPY", "ADD"):
             continue
-        words = json.loads(arguments) if arguments.startswith("[") else shlex.split(arguments)
+        words = json_or_words(arguments)
         if any(word.startswith("--from") for word in words):
             continue
         sources += [word for word in words if not word.startswith("--")][:-1]
     return sources
 
 
+def glob_regex(glob: str) -> str:
+    """A regex for a Go filepath.Match pattern, the globs of COPY sources and .dockerignore
+    lines (`*`, `?` and `[...]` stay within a folder), plus .dockerignore's `**` across
+    folders. Written by hand: no maintained Python package implements Docker's rules."""
+    regex = ""
+    for token in re.split(r"(\*\*/|\*\*|\*|\?|\[\^?\]?[^]]*\]|\\.)", glob):
+        if token.startswith("[") and len(token) > 2:
+            body = token[1:-1]
+            regex += "[^/" + body[1:] + "]" if body.startswith("^") else "(?!/)[" + body + "]"
+        elif token.startswith("\\") and len(token) == 2:
+            regex += re.escape(token[1])
+        else:
+            regex += {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token))
+    return regex
+
+
 def dockerignore_patterns() -> list[tuple[re.Pattern, bool]]:
-    """(regex, is_exception) per .dockerignore line, as Docker reads them: Go filepath.Match
-    globs plus `**`, `!` for exceptions. Written by hand: no maintained Python package
-    implements Docker's rules."""
+    """(regex, is_exception) per .dockerignore line, as Docker reads them: `!` for exceptions."""
     patterns = []
     for line in DOCKERIGNORE.read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        exception = line.startswith("!")
-        glob = line.lstrip("!").strip().strip("/")
-        regex = ""
-        for token in re.split(r"(\*\*/|\*\*|\*|\?)", glob):
-            regex += {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token))
-        patterns.append((re.compile(regex), exception))
+        patterns.append((re.compile(glob_regex(line.lstrip("!").strip().strip("/"))), line.startswith("!")))
     return patterns
+
+
+def folders_and_path(path: str) -> list[str]:
+    """`a/b/c` -> [`a`, `a/b`, `a/b/c`]: what a pattern may match to take in `path`."""
+    parts = path.strip("/").split("/")
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def is_excluded(path: str, patterns) -> bool:
     """A path is left out when the last pattern matching it, or one of its parent folders,
     is not an exception."""
-    parts = path.strip("/").split("/")
-    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     excluded = False
     for regex, exception in patterns:
-        if any(regex.fullmatch(candidate) for candidate in candidates):
+        if any(regex.fullmatch(candidate) for candidate in folders_and_path(path)):
             excluded = not exception
     return excluded
 
 
-def in_build_context(path: str, patterns) -> bool:
-    full = PROJECT_ROOT / path
-    if full.is_file():
-        return not is_excluded(path, patterns)
-    return full.is_dir() and any(
-        not is_excluded(str(f.relative_to(PROJECT_ROOT)), patterns) for f in full.rglob("*") if f.is_file()
-    )
+def build_context(patterns) -> list[str]:
+    """Every file Docker sends as the build context, relative to the project."""
+    files = (str(path.relative_to(PROJECT_ROOT)) for path in PROJECT_ROOT.rglob("*") if path.is_file() and ".git" not in path.parts)
+    return sorted(path for path in files if not is_excluded(path, patterns))
+
+
+def copied_files(source: str, context: list[str]) -> set[str]:
+    """The files of the build context that COPY `source` puts into the image: those the source
+    names, or a glob matches, itself or as a folder they are in. Docker matches COPY globs
+    against the context, so a file .dockerignore leaves out is never copied."""
+    source = source.strip("/").removeprefix("./")
+    if source in ("", "."):
+        return set(context)
+    regex = re.compile(glob_regex(source))
+    return {path for path in context if any(regex.fullmatch(candidate) for candidate in folders_and_path(path))}
 
 
 def readme_deployment_section() -> str:
@@ -111,43 +146,67 @@ def readme_deployment_section() -> str:
 
 
 def test_dockerignore_matches_like_docker():
-    patterns = [(re.compile(r), e) for r, e in [("outputs", False), ("(?:.*/)?__pycache__", False), ("tests", False)]]
+    patterns = [(re.compile(glob_regex(g)), e) for g, e in [("outputs", False), ("**/__pycache__", False), ("tests", False)]]
     assert is_excluded("outputs/run/model.safetensors", patterns)
-    assert is_excluded("configs/__pycache__/x.pyc", patterns)
-    assert not is_excluded("configs/cpu.yaml", patterns)
-    assert is_excluded("tests/test_app.py", patterns + [(re.compile("tests/keep.py"), True)])
-    assert not is_excluded("tests/keep.py", patterns + [(re.compile("tests/keep.py"), True)])
+    assert is_excluded("configs/__pycache__/x.pyc", patterns) and is_excluded("__pycache__/x.pyc", patterns)
+    assert not is_excluded("configs/backbone_only.yaml", patterns)
+    assert is_excluded("tests/test_app.py", patterns + [(re.compile(glob_regex("tests/keep.py")), True)])
+    assert not is_excluded("tests/keep.py", patterns + [(re.compile(glob_regex("tests/keep.py")), True)])
+
+
+def test_globs_match_like_go_filepath_match():
+    def matches(glob, path):
+        return re.fullmatch(glob_regex(glob), path) is not None
+
+    assert matches("*.py", "app.py") and not matches("*.py", "tests/test_app.py") and not matches("*.py", "app.pyc")
+    assert matches("configs/*.yaml", "configs/backbone_only.yaml") and not matches("configs/*.yaml", "configs/accelerate/multi_gpu.yaml")
+    assert matches("run_?val.py", "run_eval.py") and not matches("run_?val.py", "run_/val.py")
+    assert matches("[a-c]*.py", "app.py") and not matches("[a-c]*.py", "run_eval.py")
+    assert matches("[^a-c]*.py", "run_eval.py") and not matches("[^a-c]*.py", "app.py")
+    assert matches("\\*.py", "*.py") and not matches("\\*.py", "app.py")
+    context = ["app.py", "assets/examples/ship.png", "tests/test_app.py"]
+    assert copied_files("*.py", context) == {"app.py"}
+    assert copied_files("assets/", context) == copied_files("./assets", context) == {"assets/examples/ship.png"}
+    assert copied_files("a*", context) == {"app.py", "assets/examples/ship.png"}  # a matched folder brings its files
+    assert copied_files(".", context) == set(context)
 
 
 def test_everything_copied_exists_and_is_in_the_build_context():
     patterns = dockerignore_patterns()
+    context = build_context(patterns)
     sources = copy_sources()
     assert sources, "the Dockerfile copies nothing"
     for source in sources:
-        assert (PROJECT_ROOT / source).exists(), f"the Dockerfile copies {source}, which does not exist"
-        assert in_build_context(source, patterns), f"the Dockerfile copies {source}, which .dockerignore leaves out"
+        if not any(character in source for character in "*?["):
+            assert (PROJECT_ROOT / source).exists(), f"the Dockerfile copies {source}, which does not exist"
+        # Docker stops the build when a source, or every match of a glob, is left out of the context.
+        assert copied_files(source, context), f"the Dockerfile copies {source}, which .dockerignore leaves out or nothing matches"
 
 
-def test_every_top_level_module_is_copied():
-    # The scripts import each other (run_eval and app import visualize, run_train imports
-    # cifar10_data): a new module that is not copied breaks the image, not the tests.
-    copied = {source.rstrip("/") for source in copy_sources()}
-    missing = sorted(path.name for path in PROJECT_ROOT.glob("*.py") if path.name not in copied)
+def test_every_top_level_module_and_the_default_settings_are_copied():
+    # The scripts import each other (run_train imports hub_folder, app imports attention_maps):
+    # a new module that is not copied breaks the image, not the tests.
+    context = build_context(dockerignore_patterns())
+    copied = set().union(*(copied_files(source, context) for source in copy_sources()))
+    # Also what they read: default.yaml, the config files (benchmark.py's and Accelerate's), the
+    # demo's examples.
+    needed = {path.name for path in PROJECT_ROOT.glob("*.py")} | {"default.yaml"}
+    needed |= {str(path.relative_to(PROJECT_ROOT)) for path in PROJECT_ROOT.glob("configs/**/*.yaml")}
+    needed |= {str(path.relative_to(PROJECT_ROOT)) for path in PROJECT_ROOT.glob("assets/examples/*.png")}
+    missing = sorted(needed - copied)
     assert not missing, f"the Dockerfile does not copy {missing}"
+    assert not [path for path in copied if path.startswith(("tests/", "outputs/", "docs/"))], "the image holds no tests, runs or docs"
 
 
 def test_project_install_has_what_pyproject_needs():
     pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
     needed = {"pyproject.toml", pyproject["project"]["readme"]}
     needed |= {f"{module}.py" for module in pyproject["tool"]["setuptools"]["py-modules"]}
-    copied = set()
-    for keyword, arguments in instructions():
-        if keyword == "RUN" and PROJECT_INSTALL.search(arguments):
-            assert needed <= copied, f"{sorted(needed - copied)} must be copied before `{arguments}`"
-            return
-        if keyword == "COPY":
-            copied |= set(shlex.split(arguments)[:-1])
-    pytest.fail("the Dockerfile never installs the project with pip")
+    if not any(PROJECT_INSTALL.search(arguments) for keyword, arguments in instructions() if keyword == "RUN"):
+        pytest.fail("the Dockerfile never installs the project with pip")
+    context = build_context(dockerignore_patterns())
+    copied = set().union(*(copied_files(source, context) for source in copy_sources(before_install=True)))
+    assert needed <= copied, f"{sorted(needed - copied)} must be copied before the project is installed"
 
 
 def test_readme_documents_the_install_command_the_image_uses():

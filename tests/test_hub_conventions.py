@@ -1,13 +1,15 @@
 """What a transformers and Hub user relies on: the library's model conventions (meta-device
 construction, input embeddings, tuples, problem_type, the attention interface), card
-metadata that names the dataset's Hub id and no local path, a Space whose requirements
-cover what the demo imports, and BatchNorm synchronised across processes."""
+metadata that names the dataset's Hub id and no local path, a Space whose files and
+requirements are what the demo needs, and BatchNorm synchronised across processes."""
 
 import ast
 import importlib.metadata
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -16,10 +18,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import hub_folder
 from configuration_hybrid_vit import HybridViTConfig
 from modeling_hybrid_vit import HybridViTForImageClassification, HybridViTModel, classification_loss
-from tests.conftest import PROJECT_ROOT, TINY_MODEL
-from tests.test_training import base_args, train
+from sync_batchnorm import AllReduceBatchNorm2d, synchronise_batchnorm
+from tests.conftest import PROJECT_ROOT, SHARED_CIFAR10, TINY_MODEL
 
 
 def tiny(**overrides):
@@ -123,6 +126,21 @@ def test_set_attn_implementation_switches_at_run_time_with_equal_logits():
 # ------------------------------------------------------------------------ card metadata
 
 
+# A run_train.py run of a few seconds: a tiny model (trained at 32x32, whatever the images' size).
+TINY_RUN = ["--train_val_split", "0.2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+            "--max_train_steps", "2", "--checkpointing_steps", "null", "--report_to", "none", "--mixed_precision", "no",
+            "--backbone_hidden_sizes", "8,16", "--token_stages", "1", "--hidden_size", "16", "--num_hidden_layers", "2",
+            "--class_attention_layers", "0", "--num_attention_heads", "2", "--intermediate_size", "32"]
+
+
+def train(args, env):
+    """run_train.py in a fresh process, from the project's folder."""
+    command = [sys.executable, str(PROJECT_ROOT / "run_train.py"), *args, *TINY_RUN]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def copy_with_readme(dataset_dir, folder, front_matter):
     shutil.copytree(dataset_dir, folder)
     (folder / "README.md").write_text(f"---\n{yaml.safe_dump(front_matter)}---\n\n# A local copy\n")
@@ -134,8 +152,7 @@ def test_the_card_names_the_hub_id_a_local_copy_declares_and_no_local_path(datas
 
     data = copy_with_readme(dataset_dir, tmp_path / "my_cifar_copy", {"source_datasets": ["uoft-cs/cifar10"]})
     out = tmp_path / "runs" / "tiny-run"
-    result = train(base_args(data, out, "--max_train_steps=2"), env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train([f"--dataset_name={data}", "--output_dir", str(out)], env)  # both forms of --key value
     card = ModelCard.load(out / "README.md")
     assert card.data.datasets == ["uoft-cs/cifar10"]
     assert card.data.metrics == ["accuracy"] and card.data.pipeline_tag == "image-classification"
@@ -148,10 +165,14 @@ def test_the_card_names_the_hub_id_a_local_copy_declares_and_no_local_path(datas
         assert by_split[split].metric_value == pytest.approx(results[key], abs=1e-4)
     saved = yaml.safe_load((out / "train_config.yaml").read_text())
     assert saved["data"]["dataset_name"] == "uoft-cs/cifar10" and saved["training"]["output_dir"] == "tiny-run"
-    for name in ("README.md", "train_config.yaml"):
+    for name in ("README.md", "train_config.yaml", "all_results.json"):
         text = (out / name).read_text()
         assert str(tmp_path) not in text and "my_cifar_copy" not in text, name
-    assert "--dataset_name uoft-cs/cifar10" in (out / "README.md").read_text()  # a command a Hub user can run
+    # A command a Hub user can run, and the name they load the model by.
+    readme = (out / "README.md").read_text()
+    assert "--dataset_name=uoft-cs/cifar10 --output_dir tiny-run " in readme
+    assert 'pipeline("image-classification", model="tiny-run", trust_remote_code=True)' in readme
+    assert results["sync_batchnorm"] is False  # one process: nothing to synchronise
 
 
 def test_a_local_folder_of_unknown_origin_is_named_by_its_last_name(dataset_dir, tmp_path, env):
@@ -160,60 +181,87 @@ def test_a_local_folder_of_unknown_origin_is_named_by_its_last_name(dataset_dir,
     data = tmp_path / "photos"
     shutil.copytree(dataset_dir, data)
     out = tmp_path / "run"
-    result = train(base_args(data, out, "--max_train_steps=2"), env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train(["--dataset_name", str(data), "--output_dir", str(out)], env)
     card = ModelCard.load(out / "README.md")
     assert card.data.datasets is None  # no Hub id to link
     assert {r.dataset_name for r in card.data.eval_results} == {"photos"}
+    assert "--dataset_name photos --output_dir run " in (out / "README.md").read_text()
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["data"]["dataset_name"] == "photos"
     assert str(tmp_path) not in (out / "README.md").read_text() + (out / "train_config.yaml").read_text()
-    # The setting names the copy's Hub id where the folder does not.
-    out = tmp_path / "declared"
-    result = train(base_args(data, out, "--max_train_steps=2", "--dataset_hub_id=uoft-cs/cifar10"), env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert ModelCard.load(out / "README.md").data.datasets == ["uoft-cs/cifar10"]
+
+
+@pytest.mark.parametrize("front_matter, hub_id", [
+    ({"source_datasets": "uoft-cs/cifar10"}, "uoft-cs/cifar10"),  # one source, written as a string
+    ({"source_datasets": ["uoft-cs/cifar10", "other/set"]}, None),  # which one? none
+    ({"license": "mit"}, None),
+])
+def test_a_local_copy_is_linked_to_the_one_hub_dataset_its_readme_names(dataset_dir, tmp_path, front_matter, hub_id):
+    data = copy_with_readme(dataset_dir, tmp_path / "copy", front_matter)
+    assert hub_folder.dataset_hub_id(str(data)) == hub_id
+    assert hub_folder.dataset_hub_id(str(dataset_dir)) is None  # no README at all
+    (data / "README.md").write_text("---\nsource_datasets: [unclosed\n---\n")
+    assert hub_folder.dataset_hub_id(str(data)) is None  # a broken card is no Hub id, not a crash
+
+
+def test_hub_ids_and_paths_are_told_apart_and_paths_become_their_last_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cifar10").mkdir()
+    assert [hub_folder.is_local_path(name) for name in ("uoft-cs/cifar10", "cifar", "cifar10", "./x", "/x", "~/x", "a/b/c")] == [
+        False, False, True, True, True, True, True]  # an existing folder wins over a Hub id
+    assert hub_folder.public_name("../data/cifar10") == "cifar10" and hub_folder.public_name("owner/name") == "owner/name"
+    assert hub_folder.public_name(None) is None
+    settings = {"data": {"dataset_name": "/data/photos"}, "training": {"output_dir": "/runs/a", "resume_from_checkpoint": "latest"}}
+    assert hub_folder.public_settings(settings) == {
+        "data": {"dataset_name": "photos"}, "training": {"output_dir": "a", "resume_from_checkpoint": "latest"}}
+    assert settings["data"]["dataset_name"] == "/data/photos"  # the run's own settings are left as they are
+    command = "python run_train.py --dataset_name /data/photos --output_dir=/runs/a --seed 1 --resume_from_checkpoint latest"
+    assert hub_folder.public_command(command, settings) == (
+        "python run_train.py --dataset_name photos --output_dir=a --seed 1 --resume_from_checkpoint latest")
 
 
 def test_the_shared_copy_declares_the_hub_dataset_it_copies():
-    from run_folder import dataset_hub_id
-
-    shared = PROJECT_ROOT.parent / "shared" / "data" / "cifar10"
-    if not shared.is_dir():
+    if not SHARED_CIFAR10.is_dir():
         pytest.skip("../shared/data/cifar10 is not on this machine")
-    assert dataset_hub_id(str(shared)) == "uoft-cs/cifar10"
-    assert dataset_hub_id("uoft-cs/cifar10") == "uoft-cs/cifar10"
+    assert hub_folder.dataset_hub_id(str(SHARED_CIFAR10)) == "uoft-cs/cifar10"
+    assert hub_folder.dataset_hub_id("uoft-cs/cifar10") == "uoft-cs/cifar10"
 
 
 # --------------------------------------------------------------------------------- Space
 
 
-def imported_modules(path, seen=None) -> set[str]:
-    """Top-level names of every module `path` imports (at any depth), following the
-    project's own modules that it imports at module level."""
+def imported_modules(path, seen=None) -> tuple[set[str], set[str]]:
+    """(the project's modules, other top-level modules) that `path` imports anywhere in it, and
+    the modules it imports import, and so on: what running it may need."""
     seen = set() if seen is None else seen
-    tree = ast.parse(path.read_text())
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names.add(node.module.split(".")[0])
-    top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
-    top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 0}
-    for name in sorted(names):
-        local = PROJECT_ROOT / f"{name}.py"
-        if local.is_file():
-            names.discard(name)
-            if name in top_level and name not in seen:
-                seen.add(name)
-                names |= imported_modules(local, seen)
-    return names
+    project = {name for name in names if (PROJECT_ROOT / f"{name}.py").is_file()}
+    others = names - project
+    for name in sorted(project - seen):
+        seen.add(name)
+        more_project, more_others = imported_modules(PROJECT_ROOT / f"{name}.py", seen)
+        project |= more_project
+        others |= more_others
+    return project, others
+
+
+def space_files() -> list[str]:
+    """What space/README.md says to put next to it and requirements.txt, from the checkout."""
+    text = (PROJECT_ROOT / "space" / "README.md").read_text()
+    listed = re.search(r"from the project's checkout: (.*?)\. ", text, re.S)
+    assert listed, "space/README.md no longer says which files of the checkout the Space holds"
+    return re.findall(r"`([^`]+)`", listed.group(1))
 
 
 def test_the_space_requirements_cover_every_module_the_demo_imports():
     requirements = (PROJECT_ROOT / "space" / "requirements.txt").read_text().splitlines()
     pinned = {re.split(r"[<>=!~ ]", line.strip())[0].lower().replace("_", "-") for line in requirements if line.strip() and not line.startswith("#")}
     distributions = importlib.metadata.packages_distributions()
-    third_party = {name for name in imported_modules(PROJECT_ROOT / "app.py") if name not in sys.stdlib_module_names}
+    third_party = {name for name in imported_modules(PROJECT_ROOT / "app.py")[1] if name not in sys.stdlib_module_names}
     assert {"gradio", "torch", "transformers", "matplotlib", "PIL"} <= third_party
     for module in sorted(third_party):
         names = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
@@ -221,6 +269,38 @@ def test_the_space_requirements_cover_every_module_the_demo_imports():
     header = (PROJECT_ROOT / "space" / "README.md").read_text()
     sdk = re.search(r"^sdk_version: (\S+)", header, re.M).group(1)
     assert f"gradio=={sdk}" in requirements  # the Space runs its header's gradio
+
+
+def test_the_space_holds_every_project_module_the_demo_imports_and_runs_from_them_alone(tmp_path):
+    """A Space is the files its README lists: with only those (and the model, here the release
+    folder), the demo imports, classifies an example and builds its page."""
+    files = space_files()
+    project, _ = imported_modules(PROJECT_ROOT / "app.py")
+    assert {"app.py", "assets/examples/"} <= set(files)
+    assert {f"{name}.py" for name in project} <= set(files), f"space/README.md lists {files}"
+    space = tmp_path / "space"
+    space.mkdir()
+    for source, name in [*((PROJECT_ROOT / name, name) for name in files),
+                         *((PROJECT_ROOT / "space" / name, name) for name in ("README.md", "requirements.txt"))]:
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, space / name)
+    code = f"""
+import json, sys
+from PIL import Image
+import app
+model, processor = app.load_model({str(PROJECT_ROOT / "checkpoints" / "hybrid-vit-cifar10")!r})
+classify = app.make_classifier(model, processor)
+labels, overlay = classify(Image.open("assets/examples/ship.png"))
+app.build_demo(classify, "release", model.config)
+print(json.dumps({{"top": max(labels, key=labels.get), "overlay": list(overlay.shape), "path": sys.path}}))
+"""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=space, capture_output=True, text=True, timeout=300,
+                            env={**env, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
+                                 "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert str(PROJECT_ROOT) not in report["path"]
+    assert report["top"] == "ship" and report["overlay"] == [256, 256, 3]
 
 
 # ------------------------------------------------------------------------- many GPUs
@@ -236,10 +316,18 @@ def test_the_accelerate_configs_are_valid_for_one_machine_and_for_two():
     assert two.main_process_ip and two.main_process_port
 
 
+def free_port() -> int:
+    """A port no one listens on, so that runs beside this one (another session's tests) do not
+    meet on Accelerate's default rendezvous port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 SYNC_CHECK = """
 import json, sys, torch
 from accelerate import PartialState
-from run_train import synchronise_batchnorm
+from sync_batchnorm import synchronise_batchnorm
 state = PartialState(cpu=True)
 torch.manual_seed(0)
 batch = torch.randn(8, 4, 5, 5) * 3 + 1             # the whole batch; each process takes its half
@@ -277,7 +365,7 @@ def test_synchronised_batchnorm_on_two_processes_equals_one_process_seeing_the_w
     script = tmp_path / "sync_check.py"
     script.write_text(SYNC_CHECK)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
-                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"]
     result = subprocess.run(launcher + [str(script), str(tmp_path)], cwd=PROJECT_ROOT, capture_output=True, text=True,
                             env={**env, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(PROJECT_ROOT)}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -287,19 +375,26 @@ def test_synchronised_batchnorm_on_two_processes_equals_one_process_seeing_the_w
                           "running_mean": True, "running_var": True, "unsynchronised_mean_differs": True}, (rank, report, result.stderr[-2000:])
 
 
-def test_sync_batchnorm_is_a_setting_and_keeps_the_state_dict():
+def test_batchnorm_is_synchronised_whenever_several_processes_train_and_keeps_the_state_dict():
+    """run_train.py synchronises BatchNorm by itself when more than one process trains (there is
+    no setting); the synchronised model has the same state dict, so it saves the same folder."""
+    from types import SimpleNamespace
+
     import run_train
 
-    settings = run_train.load_settings(["--sync_batchnorm", "false"])
-    assert settings["training"]["sync_batchnorm"] is False
-    assert run_train.load_settings([])["training"]["sync_batchnorm"] == "auto"
-    with pytest.raises(run_train.UserError, match="--sync_batchnorm must be auto, true or false"):
-        run_train.load_settings(["--sync_batchnorm", "sometimes"])
-    model = tiny(backbone_hidden_sizes=[8, 16])
+    config = HybridViTConfig(**TINY_MODEL)
+    whitening = torch.randn(8, 3, 16, 16)
+    for processes, synchronised in ((1, False), (2, True)):
+        accelerator = SimpleNamespace(num_processes=processes, device=torch.device("cpu"))
+        model = run_train.build_model(config, whitening, accelerator, log=lambda message: None)
+        assert any(isinstance(m, AllReduceBatchNorm2d) for m in model.modules()) == synchronised, processes
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+    model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    synced = run_train.synchronise_batchnorm(model, "cpu")
-    assert any(isinstance(m, run_train.AllReduceBatchNorm2d) for m in synced.modules())
+    synced = synchronise_batchnorm(model, "cpu")
+    assert all(type(m) is not torch.nn.BatchNorm2d for m in synced.modules())
     after = synced.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     synced.eval()
-    assert torch.equal(synced(images()).logits, tiny(backbone_hidden_sizes=[8, 16]).eval()(images()).logits)
+    assert torch.equal(synced(images()).logits, tiny().eval()(images()).logits)

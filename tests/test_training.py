@@ -4,6 +4,7 @@ pipeline and optimisers it is built from."""
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -205,8 +206,11 @@ def test_two_processes_count_every_validation_image_once_and_share_batchnorm(tmp
     out = tmp_path / "run"
     # Accelerate's `--cpu --num_processes 2` starts a single process unless mpirun is set up;
     # torchrun's launcher with ACCELERATE_USE_CPU gives two over gloo.
+    with socket.socket() as probe:  # a free port: another run on this machine may hold Accelerate's default
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-                "--mixed_precision=no", "--dynamo_backend=no"]
+                "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}"]
     args = base_args(folder, out, "--num_train_epochs=1")
     args[args.index("--train_val_split=0.2")] = "--train_val_split=0.3333"
     result = train(args, {**env, "ACCELERATE_USE_CPU": "1"}, launcher=launcher)
