@@ -66,6 +66,7 @@ def run_isolated(code: str, cwd, timeout=300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(Path(cwd) / "hf_modules")
     env["HF_HUB_OFFLINE"] = "1"
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the same reduction order as this process
     return subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code)],
         cwd=cwd,

@@ -296,17 +296,22 @@ def test_the_label_smoothing_setting_is_the_training_losss():
     assert model.classifier.weight.grad is not None  # and it was backpropagated
 
 
-def test_push_to_hub_uploads_the_folder_with_its_card_and_without_checkpoints(tmp_path, monkeypatch):
-    """The Hub is unreachable here: check the thin huggingface_hub calls it makes."""
+def test_push_to_hub_uploads_the_finished_folder_with_its_card_and_without_checkpoints(dataset_dir, tmp_path, monkeypatch):
+    """The Hub is unreachable here: check the thin huggingface_hub calls a run makes at its end."""
     import huggingface_hub
 
     calls = {}
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, exist_ok: calls.setdefault("create", (repo_id, exist_ok)))
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.setdefault("upload", kwargs))
-    hub_folder.push_to_hub(str(tmp_path), "org/hybrid-vit")
+    monkeypatch.setattr(huggingface_hub, "upload_folder",
+                        lambda **kwargs: calls.setdefault("upload", {**kwargs, "files": sorted(p.name for p in tmp_path.joinpath("run").iterdir())}))
+    out = tmp_path / "run"
+    assert run_train.main(base_args(dataset_dir, out, "--max_train_steps=2", "--checkpointing_steps=1", "--push_to_hub=true",
+                                    "--hub_model_id=org/hybrid-vit")) == 0
     assert calls["create"] == ("org/hybrid-vit", True)
-    assert calls["upload"]["repo_id"] == "org/hybrid-vit" and calls["upload"]["folder_path"] == str(tmp_path)
-    assert "checkpoints/*" in calls["upload"]["ignore_patterns"]
+    assert calls["upload"]["repo_id"] == "org/hybrid-vit" and calls["upload"]["folder_path"] == str(out)
+    assert "checkpoints/*" in calls["upload"]["ignore_patterns"] and "checkpoints" in calls["upload"]["files"]
+    assert {"model.safetensors", "README.md", "config.json"} <= set(calls["upload"]["files"])
+    assert "# org/hybrid-vit" in (out / "README.md").read_text()  # the card is named for its repository
 
 
 def test_decoded_batches_are_normalised_and_augmented_per_image_and_epoch():
