@@ -3,14 +3,26 @@ the training_log.json that run_train.py writes into each output folder.
 
     python plot_curves.py outputs/run-a outputs/run-b --labels "with" "without" --output curves.png
     python plot_curves.py outputs/gpu-run --seconds --target 0.94     # and each run's time to 94%
+    python plot_curves.py outputs/s0 outputs/s1 --labels recipe recipe --point "airbench94=17.9,89.88"
+
+Runs given the same label are seeds of one recipe: one colour, and their mean in the legend.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from errors import command
+from errors import UserError, command
 from training_curves import plot_runs, time_to_target
+
+
+def parse_point(text: str) -> tuple[str, float, float]:
+    label, _, numbers = text.rpartition("=")
+    try:
+        time, accuracy = (float(number) for number in numbers.split(","))
+    except ValueError:
+        raise UserError(f"--point {text!r}: expected LABEL=TIME,ACCURACY, e.g. airbench94=17.9,89.88") from None
+    return label, time, accuracy
 
 
 @command
@@ -22,8 +34,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", action="store_true", help="training seconds on the x axis instead of minutes")
     parser.add_argument("--target", type=float, help="an accuracy (e.g. 0.94) to draw and to report each run's time to")
     parser.add_argument("--title", help="a title over both plots")
+    parser.add_argument("--point", action="append", default=[], metavar="LABEL=TIME,ACCURACY",
+                        help="a result without a training log, drawn as a star: its time (in the axis' unit) and accuracy in %%")
     args = parser.parse_args(argv)
-    figure = plot_runs(args.runs, args.labels, args.seconds, args.target, args.title)
+    figure = plot_runs(args.runs, args.labels, args.seconds, args.target, args.title, [parse_point(p) for p in args.point])
     if args.target is not None:
         for run, label in zip(args.runs, args.labels or [Path(d).name for d in args.runs]):
             print(f"{label}: {time_to_target(run, args.target)}")

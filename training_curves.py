@@ -33,32 +33,49 @@ def time_to_target(run_dir, target: float) -> str:
     return f"{100 * hit['eval_accuracy']:.2f}% at {hit['train_seconds']:.1f} s (epoch {hit['epoch']:g})"
 
 
-def plot_runs(run_dirs, labels=None, seconds=False, target=None, title=None):
+def group_legend(label: str, finals: list[float]) -> str:
+    """A legend entry: the last accuracy of one run, or the mean and spread of several."""
+    if len(finals) == 1:
+        return f"{label}: {finals[0]:.2f}%"
+    return f"{label}: {np.mean(finals):.2f}% ± {np.std(finals, ddof=1):.2f} ({len(finals)} runs)"
+
+
+def plot_runs(run_dirs, labels=None, seconds=False, target=None, title=None, points=()):
     """Validation accuracy after each epoch and the logged training loss of each run, against
-    training time (minutes, or seconds); the legend gives each run's last accuracy."""
+    training time (minutes, or seconds). Runs given the same label (seeds of one recipe) share
+    a colour and one legend entry with their last accuracies' mean and standard deviation.
+    `points`: (label, time, accuracy in %) drawn as markers, for results without a log."""
     labels = labels or [Path(d).name for d in run_dirs]
     if len(labels) != len(run_dirs):
         raise UserError(f"{len(labels)} labels for {len(run_dirs)} runs")
     unit = "seconds" if seconds else "minutes"
     figure = Figure(figsize=(11, 4.2))
     accuracy_axis, loss_axis = figure.subplots(1, 2)
+    colours, finals, handles = {}, {}, {}
     for run_dir, label in zip(run_dirs, labels):
         evaluations, losses = read_log(run_dir)
         times = [r["train_seconds"] / (1 if seconds else 60) for r in evaluations]
         accuracy = [100 * r["eval_accuracy"] for r in evaluations]
-        (line,) = accuracy_axis.plot(times, accuracy, marker="o", markersize=3, label=f"{label}: {accuracy[-1]:.2f}%")
+        (line,) = accuracy_axis.plot(times, accuracy, marker="o", markersize=3, color=colours.get(label))
+        colours.setdefault(label, line.get_color())
+        handles.setdefault(label, line)
+        finals.setdefault(label, []).append(accuracy[-1])
         if losses:  # loss records carry steps, not seconds: place them by the epoch clock
             loss_times = np.interp([r["epoch"] for r in losses], [0.0, *[r["epoch"] for r in evaluations]], [0.0, *times])
-            loss_axis.plot(loss_times, [r["train_loss"] for r in losses], color=line.get_color(), linewidth=1, label=label)
+            loss_axis.plot(loss_times, [r["train_loss"] for r in losses], color=colours[label], linewidth=1)
+    for label, time, value in points:
+        handles[label] = accuracy_axis.plot([time], [value], marker="*", markersize=12, linestyle="none", color="black")[0]
+        finals[label] = [value]
     if target is not None:
         accuracy_axis.axhline(100 * target, color="grey", linestyle="--", linewidth=1)
     accuracy_axis.set(xlabel=f"training {unit}", ylabel="validation accuracy (%)", title="Validation accuracy after each epoch")
     loss_axis.set(xlabel=f"training {unit}", ylabel="training loss", title="Training loss (logged steps)")
+    accuracy_axis.legend(list(handles.values()), [group_legend(label, finals[label]) for label in handles], fontsize=8)
+    loss_axis.legend([handles[label] for label in colours], list(colours), fontsize=8)
     if title:
         figure.suptitle(title)
     for axis in (accuracy_axis, loss_axis):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
 

@@ -220,7 +220,7 @@ def test_readme_build_args_exist_in_the_dockerfile():
     steps = instructions()
     declared = {arguments.split("=")[0] for keyword, arguments in steps if keyword == "ARG"}
     stages = {arguments.split(" AS ")[-1] for keyword, arguments in steps if keyword == "FROM" and " AS " in arguments}
-    for name, value in re.findall(r"--build-arg (\w+)=(\S+)", readme_deployment_section()):
+    for name, value in re.findall(r"--build-arg (\w+)=([\w.-]+)", readme_deployment_section()):
         assert name in declared, f"README passes --build-arg {name}, which the Dockerfile does not declare"
         if name == "TORCH":
             assert f"torch-{value}" in stages, f"README builds with TORCH={value}, but there is no stage torch-{value}"

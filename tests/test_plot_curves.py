@@ -132,3 +132,21 @@ def test_the_command_plots_a_run_that_run_train_wrote(trained_run, tmp_path, env
     result = subprocess.run([sys.executable, str(PROJECT_ROOT / "plot_curves.py"), str(tmp_path)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_seeds_of_one_recipe_share_a_colour_and_a_mean_and_a_reference_result_is_a_point(tmp_path, capsys):
+    runs = [fake_run(tmp_path / name, accuracies, 60) for name, accuracies in
+            (("a0", [0.5, 0.80]), ("a1", [0.5, 0.84]), ("b0", [0.6, 0.70]))]
+    figure = plot_runs(runs, ["recipe", "recipe", "control"], points=[("airbench94", 17.9, 89.88)])
+    accuracy_axis = figure.axes[0]
+    first, second, third, star = accuracy_axis.get_lines()
+    assert first.get_color() == second.get_color() != third.get_color()
+    assert (list(star.get_xdata()), list(star.get_ydata())) == ([17.9], [89.88])
+    assert [t.get_text() for t in accuracy_axis.get_legend().get_texts()] == [
+        "recipe: 82.00% ± 2.83 (2 runs)", "control: 70.00%", "airbench94: 89.88%"]
+    output = tmp_path / "help.png"
+    assert plot_curves.main([*map(str, runs), "--labels", "r", "r", "c", "--point", "airbench94=17.9,89.88", "--output", str(output)]) == 0
+    assert output.is_file()
+    assert plot_curves.main([str(runs[0]), "--point", "airbench94=fast", "--output", str(output)]) == 2
+    assert "expected LABEL=TIME,ACCURACY" in capsys.readouterr().err
+

@@ -263,6 +263,9 @@ def test_a_minute_of_the_shipped_recipe_on_2000_real_images_learns(tmp_path, env
     assert results["eval_samples"] == 1000 and results["schedule_fitted_to_time"]
     assert results["steps"] == results["max_train_steps"] or results["stopped_by_time_limit"], results
     assert results["eval_accuracy"] > 0.10 + 5 * (0.1 * 0.9 / 1000) ** 0.5, results
+    # A run this short still leaves a complete Hub folder.
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "configuration_hybrid_vit.py", "modeling_hybrid_vit.py",
+            "README.md", "train_config.yaml", "all_results.json", "training_log.json"} <= {p.name for p in out.iterdir()}
 
 
 def test_flip_tta_averages_each_images_logits_with_its_mirrors():
