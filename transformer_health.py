@@ -138,8 +138,8 @@ def measure(model, batches) -> tuple[dict, dict]:
 
 def plot_health(health: dict, spread: dict | None = None):
     """Three panels: accuracy lost when each block is skipped, each block's CLS entropy
-    relative to uniform, and the spread of the rollout maps' cosine to the average map,
-    each with the line a healthy transformer stays on the right side of."""
+    relative to uniform, and the spread of the rollout maps' cosine and correlation to the
+    average map, each with the line a healthy transformer stays on the right side of."""
     blocks = health["blocks"]
     names = [str(b["block"]) for b in blocks]
     fig = Figure(figsize=(11, 3.3))
