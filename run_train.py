@@ -233,6 +233,7 @@ def plan_schedule(loop: Loop, schedule: ScheduleSettings, saved_state, label_smo
         return {"fitted": False, "max_train_steps": steps}, 0.0
     if saved_state is not None:
         return saved_state["schedule"], 0.0
+
     def step(batch):
         forward_backward(loop, batch, label_smoothing)
         step_optimizers(loop.optimizers)
