@@ -1,6 +1,8 @@
 """The optimisers and the learning-rate schedule: Nesterov SGD for the convolutional backbone,
 AdamW for the transformer, each with transformers' warmup-and-cosine schedule."""
 
+import warnings
+
 import torch
 
 SGD_MOMENTUM = 0.9
@@ -58,5 +60,7 @@ def make_scheduler(optimizer, warmup_ratio: float, total_steps: int, num_process
     )
     if completed_steps:
         scheduler.last_epoch = completed_steps * num_processes - 1
-        scheduler.step()  # sets each group's learning rate for step `completed_steps`
+        with warnings.catch_warnings():  # this step places the new schedule mid-run; no update is skipped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+            scheduler.step()  # sets each group's learning rate for step `completed_steps`
     return scheduler
