@@ -53,15 +53,19 @@ def public_settings(settings: dict) -> dict:
     for section, key in PATH_SETTINGS:
         value = public[section].get(key)
         if isinstance(value, str) and value != "latest":
-            public[section][key] = (dataset_hub_id(value) or public_name(value)) if key == "dataset_name" else public_name(value)
+            public[section][key] = public_dataset_name(value) if key == "dataset_name" else public_name(value)
     return public
 
 
-def public_command(command: str, settings: dict) -> str:
-    """`command` with each path-valued setting (`--dataset_name ../data/cifar10`, also in
-    `--key=value` form) replaced by its public name, so the card's command runs for a Hub user."""
-    public = public_settings(settings)
-    names = {f"--{key}": public[section][key] for section, key in PATH_SETTINGS}
+def public_dataset_name(dataset_name: str) -> str:
+    """What a card calls a dataset: its Hub id where known, else the folder's last name."""
+    return dataset_hub_id(dataset_name) or public_name(dataset_name)
+
+
+def public_command(command: str, names: dict) -> str:
+    """`command` with the value of each flag in `names` (`--dataset_name ../data/cifar10`, also
+    in `--key=value` form) replaced by the public name `names` gives it, so that a card's command
+    runs for a Hub user and holds no local path."""
     words, out = shlex.split(command), []
     for index, word in enumerate(words):
         key, equals, _ = word.partition("=")
@@ -128,7 +132,7 @@ The validation images are a stratified, seeded {split:.0%} of the training split
 from training; nothing was chosen by them (the model is the one the last step left).
 
 - Hardware: {results['hardware']}
-- Command: `{public_command(command, settings)}`
+- Command: `{public_command(command, {f"--{key}": public[section][key] for section, key in PATH_SETTINGS})}`
 - Classes: {", ".join(label_names)}
 
 ## Use
@@ -149,6 +153,22 @@ classify("image.png")
 """
     metadata = card_data(name, settings["data"]["dataset_name"], results)
     ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}").save(Path(output_dir) / "README.md")
+
+
+def replace_card_section(folder, heading: str, text: str) -> None:
+    """Put `## heading` with `text` into the folder's card, README.md: in place of a section of
+    that name, or before `## Use`."""
+    path = Path(folder) / "README.md"
+    card = path.read_text() if path.is_file() else ""
+    section = f"## {heading}\n\n{text.strip()}\n\n"
+    start = card.find(f"## {heading}\n")
+    if start >= 0:
+        end = card.find("\n## ", start + 1)
+        card = card[:start] + section + (card[end + 1 :] if end >= 0 else "")
+    else:
+        use = card.find("## Use\n")
+        card = card[:use] + section + card[use:] if use >= 0 else card.rstrip() + "\n\n" + section
+    path.write_text(card)
 
 
 def check_writable(output_dir) -> None:

@@ -4,7 +4,8 @@ after a temperature fitted on the validation split); the transformer's health (a
 each block skipped, CLS attention entropy, how much the maps differ between images:
 transformer_health.py); and how faithful its attention maps are (deletion and insertion curves
 against a random order and the average map: faithfulness.py). Writes eval_results.json and
-figures; the model folder is left as it is unless --save_temperature says otherwise.
+figures; the model folder is left as it is unless --save_temperature or --add_to_card say
+otherwise.
 
     python run_eval.py --model outputs/hybrid-vit-cifar10 --dataset_name ../shared/data/cifar10 --tta
 
@@ -14,12 +15,14 @@ model's run carved (its fraction and seed, from the folder's train_config.yaml).
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 import faithfulness
+import hub_folder
 import transformer_health
 from cifar10_data import DecodedImages, decode_all, eval_dataloader, load_split, sample_indices
 from errors import UserError, command
@@ -44,14 +47,18 @@ def parse_args(argv=None):
                         help="images of the split (a seeded sample) for the maps' deletion and insertion curves; 0 skips them")
     parser.add_argument("--save_temperature", action="store_true",
                         help="write the temperature fitted on the validation split into the model folder's config.json")
+    parser.add_argument("--add_to_card", action="store_true",
+                        help="write this evaluation (accuracy, calibration, health, faithfulness) into the model folder's "
+                             "card, README.md, replacing an earlier one")
     args = parser.parse_args(argv)
     for name in ("health_images", "faithfulness_images"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be at least 0")
     if args.batch_size < 1 or (args.max_eval_samples is not None and args.max_eval_samples < 1):
         parser.error("--batch_size and --max_eval_samples must be at least 1")
-    if args.save_temperature and not is_local_path(args.model):
-        parser.error(f"--save_temperature writes into a model folder; {args.model} is a Hub id")
+    for flag in ("save_temperature", "add_to_card"):
+        if getattr(args, flag) and not is_local_path(args.model):
+            parser.error(f"--{flag} writes into a model folder; {args.model} is a Hub id")
     return args
 
 
@@ -126,6 +133,35 @@ def report(results: dict, out: Path):
     print(f"wrote {out / 'eval_results.json'} and {', '.join(sorted(p.name for p in out.glob('*.png')))}", file=sys.stderr)
 
 
+def card_section(results: dict, argv) -> str:
+    """The evaluation as a model card section: accuracy, calibration, and where measured the
+    transformer's health and the faithfulness of its maps."""
+    c = results["calibration"]
+    rows = [f"| accuracy | {results['accuracy']:.4f} |"]
+    rows += [f"| accuracy with flip test-time augmentation | {results['accuracy_flip_tta']:.4f} |"] * results["tta"]
+    rows += [f"| expected calibration error, as saved (T = {c['saved_temperature']:.3f}) | {c['ece']:.2%} |"]
+    if "fitted_temperature" in c:
+        rows += [f"| expected calibration error at T = 1 | {c['ece_at_temperature_1']:.2%} |",
+                 f"| expected calibration error at T = {c['fitted_temperature']:.3f}, fitted on this split | {c['ece_after_fitting']:.2%} |"]
+    if "transformer_health" in results:
+        h = results["transformer_health"]
+        rows += [f"| block {b['block']}: accuracy lost when skipped; CLS attention entropy of uniform | "
+                 f"{100 * b['skip_cost']:.2f} points; {b['cls_entropy_of_uniform']:.2f} |" for b in h["blocks"]]
+        rows += [f"| rollout map against the average map: cosine; correlation | {h['rollout_cosine_to_average']:.2f}; "
+                 f"{h['rollout_correlation_to_average']:.2f} |"]
+    if "faithfulness" in results:
+        f = results["faithfulness"]
+        rows += [f"| {name.replace('_', ' ')} order: deletion AUC; insertion AUC ({f['num_images']} images) | "
+                 f"{f[name]['deletion_auc']:.3f}; {f[name]['insertion_auc']:.3f} |"
+                 for name in (*faithfulness.MAP_METHODS, "random", "average_map")]
+    names = {"--model": hub_folder.public_name(results["model"]), "--output_dir": hub_folder.public_name(results["output_dir"]),
+             "--dataset_name": hub_folder.public_dataset_name(results["dataset_name"])}
+    command_line = hub_folder.public_command(shlex.join(["python", "run_eval.py", *(sys.argv[1:] if argv is None else argv)]), names)
+    return (f"`{command_line}` on the {results['split']} split ({results['num_samples']} images); deletion and insertion "
+            "follow the predicted class (lower deletion and higher insertion are more faithful).\n\n"
+            "| measure | value |\n| --- | --- |\n" + "\n".join(rows) + "\n")
+
+
 def load(args):
     """The model, and the split decoded once at its image size, or one clear line."""
     model, _ = load_model(args.model)
@@ -149,7 +185,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     loader = eval_dataloader(images, args.batch_size)
     logits, labels = predict(model, loader, desc=f"evaluating on {split}")
-    results = {"model": args.model, "dataset_name": args.dataset_name, "split": split, "tta": args.tta,
+    results = {"model": args.model, "dataset_name": args.dataset_name, "output_dir": args.output_dir, "split": split, "tta": args.tta,
                **summarize(labels, logits.softmax(-1), label_names)}
     if args.tta:
         results["accuracy_flip_tta"] = summarize(labels, predict(model, loader, flip=True)[0].softmax(-1), label_names)["accuracy"]
@@ -164,6 +200,9 @@ def main(argv=None) -> int:
         folder = Path(args.model).expanduser()  # as load_model read it: `~/model` is not a folder named `~`
         model.config.save_pretrained(folder)
         print(f"temperature {model.config.logit_temperature:.4f} saved in {folder / 'config.json'}", file=sys.stderr)
+    if args.add_to_card:
+        hub_folder.replace_card_section(Path(args.model).expanduser(), "Evaluation", card_section(results, argv))
+        print(f"evaluation written into {Path(args.model).expanduser() / 'README.md'}", file=sys.stderr)
     report(results, out)
     return 0
 

@@ -305,6 +305,28 @@ def test_run_eval_refuses_to_save_a_temperature_from_another_split_and_writes_no
     assert exit_info.value.code == 2 and "someone/model is a Hub id" in capsys.readouterr().err
 
 
+def test_run_eval_writes_its_evaluation_into_the_card_only_when_asked_and_replaces_it(overconfident_folder, dataset_dir, tmp_path):
+    card = overconfident_folder / "README.md"
+    card.write_text("---\nlicense: apache-2.0\n---\n# model\n\n| metric | value |\n\n## Use\n\npipeline(...)\n")
+    before = snapshot(overconfident_folder)
+    assert evaluate(overconfident_folder, dataset_dir, tmp_path / "plain", "--split", "validation") == 0
+    assert snapshot(overconfident_folder) == before
+    for run in ("first", "second"):
+        assert evaluate(overconfident_folder, dataset_dir, tmp_path / run, "--split", "validation", "--tta", "--add_to_card") == 0
+    results = json.loads((tmp_path / "second" / "eval_results.json").read_text())
+    text = card.read_text()
+    assert text.count("## Evaluation") == 1 and text.index("## Evaluation") < text.index("## Use")  # replaced, before the usage
+    assert text.startswith("---\nlicense: apache-2.0\n---\n# model") and text.rstrip().endswith("pipeline(...)")
+    assert f"| accuracy | {results['accuracy']:.4f} |" in text
+    assert f"| accuracy with flip test-time augmentation | {results['accuracy_flip_tta']:.4f} |" in text
+    fitted = results["calibration"]
+    assert f"fitted on this split | {fitted['ece_after_fitting']:.2%} |" in text
+    assert f"`python run_eval.py --model {overconfident_folder.name} --dataset_name {dataset_dir.name} --output_dir second" in text
+    assert "--add_to_card" in text and str(tmp_path) not in text  # the command that measured it, without local paths
+    assert {name: data for name, data in snapshot(overconfident_folder).items() if name != Path("README.md")} == {
+        name: data for name, data in before.items() if name != Path("README.md")}  # nothing else changed
+
+
 def test_run_eval_reports_the_faithfulness_of_the_maps_on_a_sample(dataset_dir, tmp_path, capsys):
     folder = tmp_path / "model"
     save_model_and_processor(tiny_model(), folder)

@@ -215,7 +215,8 @@ def test_hub_ids_and_paths_are_told_apart_and_paths_become_their_last_name(tmp_p
         "data": {"dataset_name": "photos"}, "training": {"output_dir": "a", "resume_from_checkpoint": "latest"}}
     assert settings["data"]["dataset_name"] == "/data/photos"  # the run's own settings are left as they are
     command = "python run_train.py --dataset_name /data/photos --output_dir=/runs/a --seed 1 --resume_from_checkpoint latest"
-    assert hub_folder.public_command(command, settings) == (
+    names = {"--dataset_name": "photos", "--output_dir": "a"}
+    assert hub_folder.public_command(command, names) == (
         "python run_train.py --dataset_name photos --output_dir=a --seed 1 --resume_from_checkpoint latest")
 
 
