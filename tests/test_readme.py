@@ -13,9 +13,8 @@ README = (PROJECT_ROOT / "README.md").read_text()
 SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
-def test_the_readme_has_python_snippets_and_at_most_about_200_lines():
-    assert SNIPPETS
-    assert len(README.splitlines()) <= 210
+def test_the_readme_shows_how_to_load_and_classify_in_python():
+    assert any("pipeline(" in snippet and "from_pretrained(" in snippet for snippet in SNIPPETS)
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
