@@ -22,11 +22,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_vector_extension() -> str:
+    """The widest matrix or vector extension the CPU has, which decides its speed in each
+    precision: AMX, AVX-512 BF16 (both run bf16 natively), AVX-512 or AVX2 (bf16 emulated)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
+        if flag in flags:
+            return name
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def description(num_processes: int = 1) -> str:
     """The hardware a run trained on, in words."""
     if torch.cuda.is_available():
         return f"{num_processes} x {torch.cuda.get_device_name(0)}"
-    return f"{num_processes} process(es) on CPU: {cpu_name()}, {os.cpu_count()} cores"
+    return f"{num_processes} process(es) on CPU: {cpu_name()} ({cpu_vector_extension()}), {os.cpu_count()} cores"
 
 
 def bf16_matmul_speedup(size: int = 256, repeats: int = 3) -> float:

@@ -102,6 +102,23 @@ def card_data(model_name: str, dataset_name: str, results: dict):
     )
 
 
+PRECISION_NAMES = {"no": "float32", "bf16": "bf16 mixed precision"}
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 90 * 60 else f"{seconds / 3600:.2f} h"
+
+
+def hardware_line(results: dict) -> str:
+    """Where the run trained: its hardware, or, for a run resumed elsewhere, each stretch's."""
+    segments = results.get("segments") or []
+    if len({(s["hardware"], s["mixed_precision"]) for s in segments}) <= 1:
+        return results["hardware"]
+    return "; ".join(f"steps {s['first_step']}-{s['last_step']} on {s['hardware']}, "
+                     f"{PRECISION_NAMES.get(s['mixed_precision'], s['mixed_precision'])}, {duration(s['train_seconds'])}"
+                     for s in segments)
+
+
 def write_model_card(output_dir, settings: dict, results: dict, command: str, label_names) -> None:
     """README.md of a trained folder: metadata the Hub reads, what was measured, how it was
     trained and how to use it. Holds no local path."""
@@ -123,15 +140,15 @@ A hybrid Vision Transformer (convolutional backbone + transformer encoder) train
 | validation accuracy with flip test-time augmentation | {results['eval_accuracy_flip_tta']:.4f} |
 {test_row}| epochs | {results['epochs']:.2f} |
 | optimisation steps | {results['steps']} |
-| training time | {results['train_seconds'] / 60:.1f} min |
+| training time | {duration(results['train_seconds'])} |
 | training throughput | {results['train_samples_per_second']:.0f} images/s |
-| precision | {results['mixed_precision']} |
+| precision | {PRECISION_NAMES.get(results['mixed_precision'], results['mixed_precision'])} |
 | parameters | {results['num_parameters']:,} |
 
 The validation images are a stratified, seeded {split:.0%} of the training split, held out
 from training; nothing was chosen by them (the model is the one the last step left).
 
-- Hardware: {results['hardware']}
+- Hardware: {hardware_line(results)}
 - Command: `{public_command(command, {f"--{key}": public[section][key] for section, key in PATH_SETTINGS})}`
 - Classes: {", ".join(label_names)}
 

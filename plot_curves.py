@@ -4,6 +4,7 @@ the training_log.json that run_train.py writes into each output folder.
     python plot_curves.py outputs/run-a outputs/run-b --labels "with" "without" --output curves.png
     python plot_curves.py outputs/gpu-run --seconds --target 0.94     # and each run's time to 94%
     python plot_curves.py outputs/s0 outputs/s1 --labels recipe recipe --point "airbench94=17.9,89.88"
+    python plot_curves.py m20/s0 m20/s1 m60/s0 --labels hybrid hybrid hybrid --final  # last accuracy vs time
 
 Runs given the same label are seeds of one recipe: one colour, and their mean in the legend.
 """
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 from errors import UserError, command
-from training_curves import plot_runs, time_to_target
+from training_curves import plot_final_accuracy, plot_runs, time_to_target
 
 
 def parse_point(text: str) -> tuple[str, float, float]:
@@ -36,8 +37,14 @@ def main(argv=None) -> int:
     parser.add_argument("--title", help="a title over both plots")
     parser.add_argument("--point", action="append", default=[], metavar="LABEL=TIME,ACCURACY",
                         help="a result without a training log, drawn as a star: its time (in the axis' unit) and accuracy in %%")
+    parser.add_argument("--final", action="store_true",
+                        help="one point per run, its last accuracy against its minutes (log scale), a line through each label's budgets")
     args = parser.parse_args(argv)
-    figure = plot_runs(args.runs, args.labels, args.seconds, args.target, args.title, [parse_point(p) for p in args.point])
+    points = [parse_point(p) for p in args.point]
+    if args.final:
+        figure = plot_final_accuracy(args.runs, args.labels, points, args.title)
+    else:
+        figure = plot_runs(args.runs, args.labels, args.seconds, args.target, args.title, points)
     if args.target is not None:
         for run, label in zip(args.runs, args.labels or [Path(d).name for d in args.runs]):
             print(f"{label}: {time_to_target(run, args.target)}")

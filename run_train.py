@@ -41,10 +41,9 @@ from training_settings import DataSettings, ScheduleSettings, Settings, Training
 
 CHECKPOINTS_KEPT = 2  # the newest complete ones; older ones are deleted
 WHITENING_IMAGES = 5000  # training images the whitening layer is fitted to
-# A schedule fitted to max_train_minutes is sized to this fraction of the budget (later epochs
-# ran 2-7% slower than the first on a CPU), re-fitted after each of the first REFIT_EPOCHS
-# epochs from that epoch's speed (a slow first epoch would otherwise cut the run short), and
-# stopped regardless only if the machine slows down past FITTED_TIME_LIMIT times the budget.
+# A schedule fitted to max_train_minutes is sized to this fraction of the budget (later epochs ran 2-7%
+# slower than the first on a CPU), re-fitted after each of the first REFIT_EPOCHS epochs from that epoch's
+# speed (a slow first epoch would cut the run short), and stopped if it slows past FITTED_TIME_LIMIT times.
 FIT_FRACTION, REFIT_EPOCHS, FITTED_TIME_LIMIT = 0.95, 2, 1.1
 
 
@@ -57,6 +56,7 @@ class TrainerState:
     history: list = field(default_factory=list)
     num_skipped_images: int = 0
     schedule: dict = field(default_factory=dict)  # its length in steps, and whether it was fitted to the time
+    segments: list = field(default_factory=list)  # each stretch between resumes: its hardware, precision, steps, seconds
 
 
 @dataclass
@@ -85,28 +85,40 @@ class Loop:
 # -------------------------------------------------------------------------- checkpoints
 
 
+def resume(loop: Loop, resume_path, saved_state, plan: dict, facts: dict, probe_seconds: float, num_skipped_images: int):
+    """The checkpoint's state, Accelerate's (weights, optimisers, schedulers, random states)
+    loaded back, or a fresh one; either way with a new segment recording where this stretch trains."""
+    state = TrainerState(train_seconds=probe_seconds, num_skipped_images=num_skipped_images, schedule=plan)
+    if resume_path is not None:
+        loop.log(f"resuming from {resume_path}")
+        loop.accelerator.load_state(str(resume_path))
+        state = TrainerState(**{**{key: saved_state[key] for key in asdict(state) if key in saved_state}, "schedule": plan})
+    state.segments.append({"hardware": facts["hardware"], "mixed_precision": facts["mixed_precision"],
+                           "first_step": state.step, "last_step": state.step, "train_seconds": 0.0})
+    return state
+
+
 def list_checkpoints(output_dir) -> tuple[list[Path], list[Path]]:
-    """Complete checkpoints sorted by step, and incomplete ones: a step_N folder is complete
-    once its trainer_state.json, written last, is there."""
+    """Complete step_N folders (their trainer_state.json, written last, is there) by step; and incomplete ones."""
     folder = Path(output_dir) / "checkpoints"
     found = [path for path in folder.iterdir() if re.fullmatch(r"step_\d+", path.name)] if folder.is_dir() else []
     complete = sorted((p for p in found if (p / "trainer_state.json").is_file()), key=lambda p: int(p.name[5:]))
     return complete, [p for p in found if p not in complete]
 
 
-def resolve_resume_path(resume, output_dir, log) -> Path | None:
-    if resume is None:
-        return None
-    if resume != "latest":
-        if not (Path(resume) / "trainer_state.json").is_file():
-            raise UserError(f"--resume_from_checkpoint {resume} is not a complete checkpoint (no trainer_state.json)")
-        return Path(resume)
-    complete, incomplete = list_checkpoints(output_dir)
-    for path in incomplete:
-        log(f"ignoring incomplete checkpoint {path} (cut short when a run stopped)")
-    if not complete:
-        log(f"no complete checkpoint in {Path(output_dir) / 'checkpoints'}; starting from scratch")
-    return complete[-1] if complete else None
+def resolve_resume_path(resume, output_dir, log) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from (a folder, the latest complete one, or none), and its trainer_state.json."""
+    path = Path(resume) if resume not in (None, "latest") else None
+    if path is not None and not (path / "trainer_state.json").is_file():
+        raise UserError(f"--resume_from_checkpoint {resume} is not a complete checkpoint (no trainer_state.json)")
+    if resume == "latest":
+        complete, incomplete = list_checkpoints(output_dir)
+        for folder in incomplete:
+            log(f"ignoring incomplete checkpoint {folder} (cut short when a run stopped)")
+        if not complete:
+            log(f"no complete checkpoint in {Path(output_dir) / 'checkpoints'}; starting from scratch")
+        path = complete[-1] if complete else None
+    return path, json.loads((path / "trainer_state.json").read_text()) if path else None
 
 
 def save_checkpoint(loop: Loop, state: TrainerState, output_dir):
@@ -328,6 +340,7 @@ def train_one_epoch(loop: Loop, state: TrainerState, epoch: int, settings: Setti
         state.train_seconds += now - tick
         loop.run_seconds += now - tick
         loop.run_images += len(batch["labels"]) * accelerator.num_processes
+        state.segments[-1].update(last_step=state.step, train_seconds=loop.run_seconds)
         loop.progress.update(1)
         last_of_epoch = index + 1 == loop.steps_per_epoch or state.step >= total or loop.time_up
         if state.step % training.logging_steps == 0 or state.step == total:
@@ -386,7 +399,7 @@ def finish(loop: Loop, state: TrainerState, settings: Settings, facts: dict, com
         "train_samples_per_second": loop.run_images / max(loop.run_seconds, 1e-9), "stopped_by_time_limit": loop.time_up,
         "num_skipped_images": state.num_skipped_images, "max_train_minutes": settings.schedule.max_train_minutes,
         "schedule_fitted_to_time": state.schedule["fitted"], "max_train_steps": state.schedule["max_train_steps"],
-        "schedule": state.schedule, **facts,
+        "schedule": state.schedule, **facts, "segments": state.segments,
     }
     accelerator.end_training()
     if accelerator.is_main_process:
@@ -440,7 +453,7 @@ def train(settings: Settings, command_line: str) -> dict:
     # 3. The model. The output folder is checked before any training.
     model = build_model(config, data.whitening_images, accelerator, log)
     facts["num_parameters"] = model.num_parameters()
-    resume_path = resolve_resume_path(training.resume_from_checkpoint, training.output_dir, log)
+    resume_path, saved_state = resolve_resume_path(training.resume_from_checkpoint, training.output_dir, log)
     if accelerator.is_main_process:
         hub_folder.check_writable(training.output_dir)
     accelerator.wait_for_everyone()
@@ -452,7 +465,6 @@ def train(settings: Settings, command_line: str) -> dict:
     model, train_dataloader, *optimizers = accelerator.prepare(model, data.train_dataloader, *optimizers)
     evals = {name: accelerator.prepare(loader) for name, loader in data.eval_dataloaders.items()}
     loop = Loop(accelerator, model, optimizers, train_dataloader, evals, data.train_dataset, data.collator, log)
-    saved_state = json.loads((resume_path / "trainer_state.json").read_text()) if resume_path else None
     plan, probe_seconds = plan_schedule(loop, schedule, saved_state, settings.data.label_smoothing)
     loop.schedulers = [accelerator.prepare(make_scheduler(o, schedule.warmup_ratio, plan["max_train_steps"], accelerator.num_processes))
                        for o in optimizers]
@@ -460,12 +472,7 @@ def train(settings: Settings, command_line: str) -> dict:
     time_limit = None if minutes is None else 60 * minutes * (FITTED_TIME_LIMIT if plan["fitted"] else 1.0)
 
     # 6. Resume, exactly, from a checkpoint.
-    state = TrainerState(train_seconds=probe_seconds, num_skipped_images=data.num_skipped_images, schedule=plan)
-    if resume_path is not None:
-        log(f"resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        state = TrainerState(**{key: saved_state[key] for key in asdict(TrainerState()) if key in saved_state})
-        state.schedule = plan
+    state = resume(loop, resume_path, saved_state, plan, facts, probe_seconds, data.num_skipped_images)
     if report_to != "none":
         accelerator.init_trackers("tensorboard", config={k: str(v) for s in settings.to_dict().values() for k, v in s.items()})
     log(f"{', '.join(f'{n} {name}' for name, n in data.sizes.items())} images; {facts['num_parameters']:,} parameters; "

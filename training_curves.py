@@ -80,6 +80,48 @@ def plot_runs(run_dirs, labels=None, seconds=False, target=None, title=None, poi
     return figure
 
 
+def budget_means(ends: list[tuple[float, float]], tolerance: float = 0.25) -> list[tuple[float, float]]:
+    """(time, accuracy) of runs grouped into budgets (times within `tolerance` of the group's
+    first), as each budget's mean time and mean accuracy, shortest first."""
+    groups = []
+    for time, accuracy in sorted(ends):
+        if groups and time <= groups[-1][0][0] * (1 + tolerance):
+            groups[-1].append((time, accuracy))
+        else:
+            groups.append([(time, accuracy)])
+    return [(float(np.mean([t for t, _ in g])), float(np.mean([a for _, a in g]))) for g in groups]
+
+
+def plot_final_accuracy(run_dirs, labels=None, points=(), title=None):
+    """Each run's last validation accuracy against its training time, on a log time axis: one
+    marker per run (seeds of a budget side by side), and a line through each label's budget
+    means, so recipes compare at every length at once. `points` as in plot_runs."""
+    labels = labels or [Path(d).name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise UserError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    ends = {}
+    for run_dir, label in zip(run_dirs, labels):
+        last = read_log(run_dir)[0][-1]
+        ends.setdefault(label, []).append((last["train_seconds"] / 60, 100 * last["eval_accuracy"]))
+    figure = Figure(figsize=(7.5, 4.6))
+    axis = figure.subplots()
+    for label, runs in ends.items():
+        means = budget_means(runs)
+        (line,) = axis.plot(*zip(*means), marker="o", label=label)
+        axis.plot(*zip(*runs), marker=".", linestyle="none", color=line.get_color(), alpha=0.6)
+        for time, accuracy in means:
+            axis.annotate(f"{accuracy:.2f}", (time, accuracy), textcoords="offset points", xytext=(4, -12), fontsize=8,
+                          color=line.get_color())
+    for label, time, value in points:
+        axis.plot([time], [value], marker="*", markersize=12, linestyle="none", color="black", label=f"{label}: {value:.2f}%")
+    axis.set(xscale="log", xlabel="training minutes (log scale)", ylabel="validation accuracy (%)",
+             title=title or "Validation accuracy of each run's last model")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 def plot_training_log(run_dir):
     """One run: training and validation loss against steps, validation accuracy against
     epochs, both optimisers' learning rates against steps."""

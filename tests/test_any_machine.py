@@ -67,6 +67,17 @@ def test_the_timed_matrix_product_tells_native_from_emulated_bf16():
         assert (speedup >= 1.0) == native, speedup
 
 
+@pytest.mark.parametrize("flags, expected", [("fpu avx2 avx512f avx512_bf16 amx_bf16", "AMX"), ("avx2 avx512f avx512_bf16", "AVX-512 BF16"),
+                                              ("avx2 avx512f", "AVX-512"), ("sse4_2 avx2 fma", "AVX2")])
+def test_the_hardware_a_card_names_says_which_vector_extension_set_its_speed(monkeypatch, tmp_path, flags, expected):
+    """bf16 is native on AMX and AVX-512 BF16 and emulated below them: the card says which."""
+    (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(hardware, "Path", lambda _: tmp_path / "cpuinfo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.cpu_vector_extension() == expected
+    assert f"Some CPU ({expected})" in hardware.description()
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 is an x86 instruction set")
 def test_auto_trains_in_float32_where_bf16_is_emulated_and_bf16_warns(dataset_dir, tmp_path, env):
     for requested, expected in (("auto", "no"), ("bf16", "bf16")):

@@ -220,6 +220,19 @@ def test_hub_ids_and_paths_are_told_apart_and_paths_become_their_last_name(tmp_p
         "python run_train.py --dataset_name photos --output_dir=a --seed 1 --resume_from_checkpoint latest")
 
 
+def test_a_card_gives_hours_for_long_runs_and_each_machine_of_a_run_resumed_on_another():
+    """A release trained over several evenings says where each stretch ran and how long."""
+    xeon, epyc = "1 process(es) on CPU: Xeon (AMX), 2 cores", "1 process(es) on CPU: EPYC (AVX2), 2 cores"
+    results = {"hardware": epyc, "segments": [
+        {"hardware": xeon, "mixed_precision": "bf16", "first_step": 0, "last_step": 7000, "train_seconds": 4 * 3600},
+        {"hardware": epyc, "mixed_precision": "no", "first_step": 7000, "last_step": 9000, "train_seconds": 30 * 60}]}
+    assert hub_folder.hardware_line(results) == (f"steps 0-7000 on {xeon}, bf16 mixed precision, 4.00 h; "
+                                                 f"steps 7000-9000 on {epyc}, float32, 30.0 min")
+    one_machine = {"hardware": epyc, "segments": [dict(results["segments"][1], first_step=0), results["segments"][1]]}
+    assert hub_folder.hardware_line(one_machine) == epyc  # resumed on the same machine: nothing to tell apart
+    assert hub_folder.hardware_line({"hardware": epyc}) == epyc  # a folder from before segments were recorded
+
+
 def test_the_shared_copy_declares_the_hub_dataset_it_copies():
     if not SHARED_CIFAR10.is_dir():
         pytest.skip("../shared/data/cifar10 is not on this machine")

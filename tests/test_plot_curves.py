@@ -11,7 +11,7 @@ from PIL import Image
 
 import plot_curves
 from tests.conftest import PROJECT_ROOT, make_image_dataset
-from training_curves import plot_runs, plot_training_log, time_to_target
+from training_curves import plot_final_accuracy, plot_runs, plot_training_log, time_to_target
 
 
 def fake_run(folder, accuracies, seconds_per_epoch):
@@ -150,3 +150,24 @@ def test_seeds_of_one_recipe_share_a_colour_and_a_mean_and_a_reference_result_is
     assert plot_curves.main([str(runs[0]), "--point", "airbench94=fast", "--output", str(output)]) == 2
     assert "expected LABEL=TIME,ACCURACY" in capsys.readouterr().err
 
+
+
+def test_final_mode_draws_each_run_once_and_joins_a_recipes_budget_means_on_a_log_axis(tmp_path):
+    """The transformer question's figure: three seeds at 20 minutes, one at 60, per recipe."""
+    runs, labels = [], []
+    for recipe, offset in (("hybrid", 0.01), ("backbone", 0.0)):
+        for name, accuracies, seconds in (("s0", [0.80, 0.86], 600), ("s1", [0.80, 0.88], 620), ("s2", [0.80, 0.87], 580),
+                                          ("long", [0.85, 0.90, 0.91], 1200)):
+            runs.append(fake_run(tmp_path / f"{recipe}-{name}", [a + offset for a in accuracies], seconds))
+            labels.append(recipe)
+    figure = plot_final_accuracy(runs, labels, points=[("airbench94", 17.5, 85.16)])
+    (axis,) = figure.axes
+    assert axis.get_xscale() == "log"
+    mean_line, seeds, *_ = axis.get_lines()
+    assert list(mean_line.get_xdata()) == pytest.approx([20.0, 60.0])  # the 20-minute seeds become one mean
+    assert list(mean_line.get_ydata()) == pytest.approx([88.0, 92.0])
+    assert len(seeds.get_xdata()) == 4
+    assert [t.get_text() for t in axis.get_legend().get_texts()] == ["hybrid", "backbone", "airbench94: 85.16%"]
+    output = tmp_path / "final.png"
+    assert plot_curves.main([*map(str, runs), "--labels", *labels, "--final", "--output", str(output)]) == 0
+    assert Image.open(output).size[0] > 500

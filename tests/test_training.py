@@ -130,6 +130,10 @@ def test_a_resumed_run_saves_the_model_and_log_of_an_uninterrupted_one(dataset_d
     assert [entry["epoch"] for entry in log if "eval_accuracy" in entry] == [1.0, 2.0, 2.5]
     for other in (resumed_8, resumed_6):
         assert without_times(json.loads((other / "training_log.json").read_text())) == log
+    # Where each stretch ran is on record, for the card: the resumed run trained in two.
+    segments = json.loads((resumed_6 / "all_results.json").read_text())["segments"]
+    assert [(s["first_step"], s["last_step"]) for s in segments] == [(0, 6), (6, 10)]
+    assert [(s["first_step"], s["last_step"]) for s in json.loads((every_2 / "all_results.json").read_text())["segments"]] == [(0, 10)]
     # The run moved the weights: the comparisons above are not of untouched models.
     assert not torch.equal(weights(every_2 / "checkpoints/step_8")["classifier.weight"], final["classifier.weight"])
     # The newest two checkpoints are kept, the last one the saved model.
@@ -150,7 +154,7 @@ def test_a_checkpoint_cut_short_is_never_latest(tmp_path):
     complete, incomplete = run_train.list_checkpoints(tmp_path)
     assert [p.name for p in complete] == ["step_4", "step_6"] and [p.name for p in incomplete] == ["step_8"]
     messages = []
-    assert run_train.resolve_resume_path("latest", tmp_path, messages.append).name == "step_6"
+    assert run_train.resolve_resume_path("latest", tmp_path, messages.append)[0].name == "step_6"
     assert messages == [f"ignoring incomplete checkpoint {folder / 'step_8'} (cut short when a run stopped)"]
 
 
