@@ -12,24 +12,25 @@ from pathlib import Path
 import torch
 
 
-def cpu_name() -> str:
+def cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` line's value in /proc/cpuinfo (Linux), or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == name:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def cpu_vector_extension() -> str:
     """The widest matrix or vector extension the CPU has, which decides its speed in each
     precision: AMX, AVX-512 BF16 (both run bf16 natively), AVX-512 or AVX2 (bf16 emulated)."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        flags = []
+    flags = (cpuinfo_field("flags") or "").split()
     for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
         if flag in flags:
             return name

@@ -102,7 +102,8 @@ def card_data(model_name: str, dataset_name: str, results: dict):
     )
 
 
-PRECISION_NAMES = {"no": "float32", "bf16": "bf16 mixed precision"}
+def precision_name(mixed_precision: str) -> str:
+    return {"no": "float32", "bf16": "bf16 mixed precision"}.get(mixed_precision, mixed_precision)
 
 
 def duration(seconds: float) -> str:
@@ -115,7 +116,7 @@ def hardware_line(results: dict) -> str:
     if len({(s["hardware"], s["mixed_precision"]) for s in segments}) <= 1:
         return results["hardware"]
     return "; ".join(f"steps {s['first_step']}-{s['last_step']} on {s['hardware']}, "
-                     f"{PRECISION_NAMES.get(s['mixed_precision'], s['mixed_precision'])}, {duration(s['train_seconds'])}"
+                     f"{precision_name(s['mixed_precision'])}, {duration(s['train_seconds'])}"
                      for s in segments)
 
 
@@ -142,7 +143,7 @@ A hybrid Vision Transformer (convolutional backbone + transformer encoder) train
 | optimisation steps | {results['steps']} |
 | training time | {duration(results['train_seconds'])} |
 | training throughput | {results['train_samples_per_second']:.0f} images/s |
-| precision | {PRECISION_NAMES.get(results['mixed_precision'], results['mixed_precision'])} |
+| precision | {precision_name(results['mixed_precision'])} |
 | parameters | {results['num_parameters']:,} |
 
 The validation images are a stratified, seeded {split:.0%} of the training split, held out

@@ -11,10 +11,9 @@ Runs given the same label are seeds of one recipe: one colour, and their mean in
 
 import argparse
 import sys
-from pathlib import Path
 
 from errors import UserError, command
-from training_curves import plot_final_accuracy, plot_runs, time_to_target
+from training_curves import plot_final_accuracy, plot_runs, run_labels, time_to_target
 
 
 def parse_point(text: str) -> tuple[str, float, float]:
@@ -40,13 +39,15 @@ def main(argv=None) -> int:
     parser.add_argument("--final", action="store_true",
                         help="one point per run, its last accuracy against its minutes (log scale), a line through each label's budgets")
     args = parser.parse_args(argv)
+    if args.final and args.seconds:
+        raise UserError("--seconds is for the curves; --final draws minutes on a log axis")
     points = [parse_point(p) for p in args.point]
     if args.final:
         figure = plot_final_accuracy(args.runs, args.labels, points, args.title)
     else:
         figure = plot_runs(args.runs, args.labels, args.seconds, args.target, args.title, points)
     if args.target is not None:
-        for run, label in zip(args.runs, args.labels or [Path(d).name for d in args.runs]):
+        for run, label in zip(args.runs, run_labels(args.runs, args.labels)):
             print(f"{label}: {time_to_target(run, args.target)}")
     figure.savefig(args.output, dpi=110)
     print(f"wrote {args.output}")

@@ -40,14 +40,20 @@ def group_legend(label: str, finals: list[float]) -> str:
     return f"{label}: {np.mean(finals):.2f}% ± {np.std(finals, ddof=1):.2f} ({len(finals)} runs)"
 
 
+def run_labels(run_dirs, labels=None) -> list[str]:
+    """One legend label per run: the given ones, or the folders' names."""
+    labels = labels or [Path(d).name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise UserError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    return labels
+
+
 def plot_runs(run_dirs, labels=None, seconds=False, target=None, title=None, points=()):
     """Validation accuracy after each epoch and the logged training loss of each run, against
     training time (minutes, or seconds). Runs given the same label (seeds of one recipe) share
     a colour and one legend entry with their last accuracies' mean and standard deviation.
     `points`: (label, time, accuracy in %) drawn as markers, for results without a log."""
-    labels = labels or [Path(d).name for d in run_dirs]
-    if len(labels) != len(run_dirs):
-        raise UserError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    labels = run_labels(run_dirs, labels)
     unit = "seconds" if seconds else "minutes"
     figure = Figure(figsize=(11, 4.2))
     accuracy_axis, loss_axis = figure.subplots(1, 2)
@@ -96,9 +102,7 @@ def plot_final_accuracy(run_dirs, labels=None, points=(), title=None):
     """Each run's last validation accuracy against its training time, on a log time axis: one
     marker per run (seeds of a budget side by side), and a line through each label's budget
     means, so recipes compare at every length at once. `points` as in plot_runs."""
-    labels = labels or [Path(d).name for d in run_dirs]
-    if len(labels) != len(run_dirs):
-        raise UserError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    labels = run_labels(run_dirs, labels)
     ends = {}
     for run_dir, label in zip(run_dirs, labels):
         last = read_log(run_dir)[0][-1]

@@ -151,7 +151,6 @@ def test_seeds_of_one_recipe_share_a_colour_and_a_mean_and_a_reference_result_is
     assert "expected LABEL=TIME,ACCURACY" in capsys.readouterr().err
 
 
-
 def test_final_mode_draws_each_run_once_and_joins_a_recipes_budget_means_on_a_log_axis(tmp_path):
     """The transformer question's figure: three seeds at 20 minutes, one at 60, per recipe."""
     runs, labels = [], []
@@ -171,3 +170,6 @@ def test_final_mode_draws_each_run_once_and_joins_a_recipes_budget_means_on_a_lo
     output = tmp_path / "final.png"
     assert plot_curves.main([*map(str, runs), "--labels", *labels, "--final", "--output", str(output)]) == 0
     assert Image.open(output).size[0] > 500
+    # --seconds belongs to the curves: with --final it is one clear error, and nothing is written.
+    assert plot_curves.main([*map(str, runs), "--labels", *labels, "--final", "--seconds", "--output", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()
