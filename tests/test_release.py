@@ -8,6 +8,7 @@ config.json states every architecture setting, so the project's newer defaults d
 import inspect
 import json
 import re
+import subprocess
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import yaml
 
 from configuration_hybrid_vit import HybridViTConfig
 from tests.conftest import PROJECT_ROOT, SHARED_CIFAR10, run_isolated
+from tests.test_training import FAST_ARGS, TINY_ARGS
 from training_settings import split_of
 
 RELEASE = PROJECT_ROOT / "checkpoints" / "hybrid-vit-cifar10"
@@ -183,3 +185,43 @@ def test_release_card_states_the_transformer_health_it_measures(release_and_vali
         assert measured["block"] == int(block)
         assert abs(100 * measured["accuracy_skipped"] - float(skipped)) < 3, (block, measured)
         assert abs(measured["cls_entropy_of_uniform"] - float(entropy)) < 0.03, (block, measured)
+
+
+# ------------------------------------------------------------------ release.sh, which makes it
+
+
+def release_sh(dataset_dir, out, release, env, *extra):
+    command = ["bash", str(PROJECT_ROOT / "release.sh"), "--dataset_name", str(dataset_dir), "--output_dir", str(out),
+               "--train_val_split=0.2", *TINY_ARGS, *FAST_ARGS, *extra]
+    return subprocess.run(command, cwd=out.parent, env={**env, "RELEASE_DIR": str(release)}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_release_sh_trains_evaluates_into_the_card_and_only_then_replaces_the_release(dataset_dir, tmp_path, env):
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "model.safetensors").write_text("the old release")
+    failed = release_sh(dataset_dir, tmp_path / "run", release, env, "--num_train_epochs=-1")
+    assert failed.returncode != 0 and "num_train_epochs" in failed.stderr.strip().splitlines()[-1]
+    assert [p.name for p in release.iterdir()] == ["model.safetensors"], "a failed release.sh touched the release"
+
+    made = release_sh(dataset_dir, tmp_path / "run", release, env, "--num_train_epochs=2")
+    assert made.returncode == 0, made.stderr[-3000:]
+    files = {p.name for p in release.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "all_results.json", "train_config.yaml", "modeling_hybrid_vit.py"} <= files
+    assert "checkpoints" not in files and not (tmp_path / "release.incomplete").exists()
+    evaluation = json.loads((tmp_path / "run-evaluation" / "eval_results.json").read_text())
+    assert evaluation["split"] == "validation" and evaluation["num_samples"] == 6  # the 20% its run held out
+    config = json.loads((release / "config.json").read_text())
+    assert config["logit_temperature"] == pytest.approx(evaluation["calibration"]["fitted_temperature"])
+    card = (release / "README.md").read_text()
+    assert "## Evaluation" in card and f"{evaluation['accuracy_flip_tta']:.4f}" in card
+    assert "fitted on this split" in card and "block 1: accuracy lost when skipped" in card and "average map order" in card
+    assert re.search(r"Command: `python run_train.py --config configs/release.yaml ", card)
+
+
+def test_release_sh_help_describes_it_and_lists_the_settings():
+    result = subprocess.run(["bash", str(PROJECT_ROOT / "release.sh"), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Makes the release" in result.stdout and "--resume_from_checkpoint latest" in result.stdout
+    assert "--num_train_epochs" in result.stdout

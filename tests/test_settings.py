@@ -150,3 +150,16 @@ def test_every_setting_is_used_by_a_test_other_than_this_file():
     tests = "\n".join(path.read_text() for path in (PROJECT_ROOT / "tests").glob("test_*.py") if path.name != "test_settings.py")
     unused = [f.name for dataclass in training_settings.SECTIONS.values() for f in fields(dataclass) if f.name not in tests]
     assert not unused, unused
+
+
+def test_the_release_config_is_the_default_design_trained_for_fixed_epochs_from_a_fixed_seed():
+    """configs/release.yaml changes only the schedule, the seed and the folder: the same model on
+    any machine however long it takes; layered with configs/backbone_only.yaml, it is the control."""
+    default = training_settings.load_settings([])
+    release = training_settings.load_settings(["--config", "configs/release.yaml"])
+    assert release.model == default.model and release.data == default.data and release.optimizer == default.optimizer
+    assert release.schedule.max_train_minutes is None and release.schedule.num_train_epochs >= 25
+    assert release.training.seed == 0 and release.training.mixed_precision == "auto"
+    control = training_settings.load_settings(["--config", "configs/release.yaml", "--config", "configs/backbone_only.yaml"])
+    assert control.schedule == release.schedule and control.training.seed == 0
+    assert control.model.num_hidden_layers == control.model.class_attention_layers == 0
