@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from errors import UserError
 
@@ -120,6 +121,10 @@ def plot_final_accuracy(run_dirs, labels=None, points=(), title=None):
         axis.plot([time], [value], marker="*", markersize=12, linestyle="none", color="black", label=f"{label}: {value:.2f}%")
     axis.set(xscale="log", xlabel="training minutes (log scale)", ylabel="validation accuracy (%)",
              title=title or "Validation accuracy of each run's last model")
+    times = [time for runs in ends.values() for time, _ in runs] + [time for _, time, _ in points]
+    ticks = [t for t in (1, 2, 5, 10, 20, 30, 60, 120, 240, 480, 960, 1920) if min(times) / 1.6 <= t <= max(times) * 1.6]
+    axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    axis.xaxis.set_minor_formatter(NullFormatter())
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
     figure.tight_layout()

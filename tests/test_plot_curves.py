@@ -162,6 +162,7 @@ def test_final_mode_draws_each_run_once_and_joins_a_recipes_budget_means_on_a_lo
     figure = plot_final_accuracy(runs, labels, points=[("airbench94", 17.5, 85.16)])
     (axis,) = figure.axes
     assert axis.get_xscale() == "log"
+    assert [t.get_text() for t in axis.get_xticklabels()] == ["20", "30", "60"]  # minutes, as written
     mean_line, seeds, *_ = axis.get_lines()
     assert list(mean_line.get_xdata()) == pytest.approx([20.0, 60.0])  # the 20-minute seeds become one mean
     assert list(mean_line.get_ydata()) == pytest.approx([88.0, 92.0])
