@@ -16,7 +16,7 @@ import yaml
 
 from configuration_hybrid_vit import HybridViTConfig
 from tests.conftest import PROJECT_ROOT, SHARED_CIFAR10, run_isolated
-from tests.test_training import FAST_ARGS, TINY_ARGS
+from tests.test_training import base_args
 from training_settings import split_of
 
 RELEASE = PROJECT_ROOT / "checkpoints" / "hybrid-vit-cifar10"
@@ -191,8 +191,7 @@ def test_release_card_states_the_transformer_health_it_measures(release_and_vali
 
 
 def release_sh(dataset_dir, out, release, env, *extra):
-    command = ["bash", str(PROJECT_ROOT / "release.sh"), "--dataset_name", str(dataset_dir), "--output_dir", str(out),
-               "--train_val_split=0.2", *TINY_ARGS, *FAST_ARGS, *extra]
+    command = ["bash", str(PROJECT_ROOT / "release.sh"), *base_args(dataset_dir, out, *extra)]
     return subprocess.run(command, cwd=out.parent, env={**env, "RELEASE_DIR": str(release)}, capture_output=True, text=True,
                           timeout=600)
 
