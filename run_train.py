@@ -161,6 +161,7 @@ def make_accelerator(training: TrainingSettings):
     )
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: time the convolution algorithms once
+    threads_note = hardware.use_every_core(accelerator.device, accelerator.num_processes)
 
     def log(message):
         if accelerator.is_main_process:
@@ -169,6 +170,8 @@ def make_accelerator(training: TrainingSettings):
     if reason.startswith("as set, although"):
         log(f"warning: --mixed_precision bf16: {reason.removeprefix('as set, although ')}; auto would train in float32")
     log(f"mixed precision: {precision} ({reason})")
+    if threads_note:
+        log(threads_note)
     facts = {"mixed_precision": precision, "mixed_precision_reason": reason,
              "hardware": hardware.description(accelerator.num_processes), "sync_batchnorm": accelerator.num_processes > 1}
     return accelerator, log, report_to, facts

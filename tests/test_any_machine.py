@@ -67,6 +67,29 @@ def test_the_timed_matrix_product_tells_native_from_emulated_bf16():
         assert (speedup >= 1.0) == native, speedup
 
 
+def test_a_cpu_process_that_accelerate_launch_left_on_one_thread_gets_its_share_of_the_cores(monkeypatch):
+    """`accelerate launch` without --cpu sets OMP_NUM_THREADS=1; on a CPU-only machine the run
+    takes the physical cores divided among its processes instead. A run launched with --cpu or
+    by plain python, or one on a GPU, keeps the threads it was given."""
+    import psutil
+
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 4)
+    before = torch.get_num_threads()
+    try:
+        for launched, device, processes, expected in [("False", "cpu", 1, 4), ("False", "cpu", 2, 2), ("True", "cpu", 1, 1),
+                                                      (None, "cpu", 1, 1), ("False", "cuda", 1, 1)]:
+            if launched is None:
+                monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+            else:
+                monkeypatch.setenv("ACCELERATE_USE_CPU", launched)
+            torch.set_num_threads(1)
+            note = hardware.use_every_core(torch.device(device), processes)
+            assert torch.get_num_threads() == expected, (launched, device, processes)
+            assert (note is not None) == (expected > 1) and (note is None or f"{expected} threads" in note)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("flags, expected", [("fpu avx2 avx512f avx512_bf16 amx_bf16", "AMX"), ("avx2 avx512f avx512_bf16", "AVX-512 BF16"),
                                               ("avx2 avx512f", "AVX-512"), ("sse4_2 avx2 fma", "AVX2")])
 def test_the_hardware_a_card_names_says_which_vector_extension_set_its_speed(monkeypatch, tmp_path, flags, expected):
