@@ -331,7 +331,7 @@ def test_the_accelerate_configs_are_valid_for_one_machine_and_for_two():
 
 
 def free_port() -> int:
-    """A port no one listens on, so that runs beside this one (another session's tests) do not
+    """A port no one listens on, so that runs beside this one (another checkout's tests) do not
     meet on Accelerate's default rendezvous port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
