@@ -77,6 +77,16 @@ def public_command(command: str, names: dict) -> str:
     return shlex.join(out)
 
 
+def without_flag(command: str, flag: str) -> str:
+    """`command` less `flag` and its value (`--flag value` or `--flag=value`)."""
+    words, out = shlex.split(command), []
+    for index, word in enumerate(words):
+        if word == flag or word.startswith(f"{flag}=") or (index > 0 and words[index - 1] == flag):
+            continue
+        out.append(word)
+    return shlex.join(out)
+
+
 # ------------------------------------------------------------------------- the model card
 
 
@@ -128,6 +138,9 @@ def write_model_card(output_dir, settings: dict, results: dict, command: str, la
     public = public_settings(settings)
     name = settings["training"]["hub_model_id"] or Path(output_dir).resolve().name
     split = settings["data"]["train_val_split"]
+    # The command that makes the model from scratch; a resumed run says so after it.
+    path_names = {f"--{key}": public[section][key] for section, key in PATH_SETTINGS}
+    resumed = " (stopped and continued with `--resume_from_checkpoint latest`)" if settings["training"]["resume_from_checkpoint"] else ""
     test_row = f"| test accuracy | {results['test_accuracy']:.4f} |\n" if results.get("test_accuracy") is not None else ""
     body = f"""
 # {name}
@@ -150,7 +163,7 @@ The validation images are a stratified, seeded {split:.0%} of the training split
 from training; nothing was chosen by them (the model is the one the last step left).
 
 - Hardware: {hardware_line(results)}
-- Command: `{public_command(command, {f"--{key}": public[section][key] for section, key in PATH_SETTINGS})}`
+- Command: `{public_command(without_flag(command, "--resume_from_checkpoint"), path_names)}`{resumed}
 - Classes: {", ".join(label_names)}
 
 ## Use

@@ -219,6 +219,8 @@ def test_killing_a_budgeted_run_and_resuming_it_gives_the_same_weights(dataset_d
     assert not a["stopped_by_time_limit"] and not b["stopped_by_time_limit"]
     assert a["steps"] == b["steps"] == a["max_train_steps"] == saved["max_train_steps"] > 36
     assert_same_weights(weights(killed), weights(reference))
+    command = next(line for line in (killed / "README.md").read_text().splitlines() if line.startswith("- Command:"))
+    assert command.endswith("--max_train_minutes=1` (stopped and continued with `--resume_from_checkpoint latest`)"), command
 
 
 def test_a_fixed_number_of_epochs_still_trains_exactly_that_many(dataset_dir, tmp_path, env):
