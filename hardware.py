@@ -107,23 +107,21 @@ def resolve_mixed_precision(requested: str) -> tuple[str, str]:
     return choice[0], choice[1]
 
 
-def use_every_core(device: torch.device, num_processes: int) -> str | None:
+def use_every_core(device: torch.device, num_processes: int, log=print) -> None:
     """Give a CPU process its share of the physical cores when `accelerate launch` left it one.
 
     Without `--cpu` (or `use_cpu` in its config), `accelerate launch` sets OMP_NUM_THREADS=1, as
     it should for a process that feeds a GPU; on a machine without one the training then runs on
     a single core. Accelerate's own rule for CPU training (physical cores divided among its
-    processes) is applied instead, and the note to log is returned; None when nothing changed."""
+    processes) is applied instead, and logged."""
     import psutil
 
     launched_without_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("false", "0", "no")
-    if device.type != "cpu" or not launched_without_cpu:
-        return None
     threads = max((psutil.cpu_count(logical=False) or 1) // num_processes, 1)
-    if threads <= torch.get_num_threads():
-        return None
+    if device.type != "cpu" or not launched_without_cpu or threads <= torch.get_num_threads():
+        return
     torch.set_num_threads(threads)
-    return f"{threads} threads per process: accelerate launch set OMP_NUM_THREADS=1, which leaves a CPU run on one core"
+    log(f"{threads} threads per process: accelerate launch set OMP_NUM_THREADS=1, which leaves a CPU run on one core")
 
 
 def seconds_per_training_step(step, dataloader, model, optimizers, device, warmup=3, timed=10) -> tuple[float, float]:

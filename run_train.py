@@ -86,8 +86,7 @@ class Loop:
 
 
 def resume(loop: Loop, resume_path, saved_state, plan: dict, facts: dict, probe_seconds: float, num_skipped_images: int):
-    """The checkpoint's state, Accelerate's (weights, optimisers, schedulers, random states)
-    loaded back, or a fresh one; either way with a new segment recording where this stretch trains."""
+    """The checkpoint's state (with Accelerate's: weights, optimisers, random states) or a fresh one, plus this stretch's segment."""
     state = TrainerState(train_seconds=probe_seconds, num_skipped_images=num_skipped_images, schedule=plan)
     if resume_path is not None:
         loop.log(f"resuming from {resume_path}")
@@ -161,7 +160,6 @@ def make_accelerator(training: TrainingSettings):
     )
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: time the convolution algorithms once
-    threads_note = hardware.use_every_core(accelerator.device, accelerator.num_processes)
 
     def log(message):
         if accelerator.is_main_process:
@@ -170,8 +168,7 @@ def make_accelerator(training: TrainingSettings):
     if reason.startswith("as set, although"):
         log(f"warning: --mixed_precision bf16: {reason.removeprefix('as set, although ')}; auto would train in float32")
     log(f"mixed precision: {precision} ({reason})")
-    if threads_note:
-        log(threads_note)
+    hardware.use_every_core(accelerator.device, accelerator.num_processes, log)
     facts = {"mixed_precision": precision, "mixed_precision_reason": reason,
              "hardware": hardware.description(accelerator.num_processes), "sync_batchnorm": accelerator.num_processes > 1}
     return accelerator, log, report_to, facts
