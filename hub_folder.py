@@ -138,9 +138,9 @@ def write_model_card(output_dir, settings: dict, results: dict, command: str, la
     public = public_settings(settings)
     name = settings["training"]["hub_model_id"] or Path(output_dir).resolve().name
     split = settings["data"]["train_val_split"]
-    # The command that makes the model from scratch; a resumed run says so after it.
+    # The command that makes the model from scratch; a run that resumed (more than one stretch) says so after it.
     path_names = {f"--{key}": public[section][key] for section, key in PATH_SETTINGS}
-    resumed = " (stopped and continued with `--resume_from_checkpoint latest`)" if settings["training"]["resume_from_checkpoint"] else ""
+    resumed = " (stopped and continued with `--resume_from_checkpoint latest`)" if len(results.get("segments") or []) > 1 else ""
     test_row = f"| test accuracy | {results['test_accuracy']:.4f} |\n" if results.get("test_accuracy") is not None else ""
     body = f"""
 # {name}

@@ -68,6 +68,17 @@ def test_resume_latest_reports_a_checkpoint_cut_short(dataset_dir, tmp_path, env
     assert (cut / "trainer_state.json").is_file()  # written afresh, whole
 
 
+def test_resume_latest_with_no_checkpoint_starts_afresh_and_its_card_says_no_resume(dataset_dir, tmp_path, env):
+    """A first evening of a long run may already pass --resume_from_checkpoint latest: it starts from
+    scratch, and its card gives the command without the flag and does not call it resumed."""
+    out = tmp_path / "run"
+    result = train(base_args(dataset_dir, out, "--max_train_steps=2", "--resume_from_checkpoint=latest"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"no complete checkpoint in {out / 'checkpoints'}; starting from scratch" in result.stderr
+    command = next(line for line in (out / "README.md").read_text().splitlines() if line.startswith("- Command:"))
+    assert command.startswith("- Command: `python run_train.py ") and command.endswith("--max_train_steps=2`"), command
+
+
 def test_an_unwritable_output_folder_is_reported_before_training(dataset_dir, tmp_path, env):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
