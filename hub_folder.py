@@ -62,27 +62,20 @@ def public_dataset_name(dataset_name: str) -> str:
     return dataset_hub_id(dataset_name) or public_name(dataset_name)
 
 
-def public_command(command: str, names: dict) -> str:
+def public_command(command: str, names: dict, drop: tuple = ()) -> str:
     """`command` with the value of each flag in `names` (`--dataset_name ../data/cifar10`, also
     in `--key=value` form) replaced by the public name `names` gives it, so that a card's command
-    runs for a Hub user and holds no local path."""
+    runs for a Hub user and holds no local path; each flag in `drop` leaves with its value."""
     words, out = shlex.split(command), []
     for index, word in enumerate(words):
         key, equals, _ = word.partition("=")
+        flag_before = words[index - 1] if index > 0 and not word.startswith("--") else None
+        if key in drop or flag_before in drop:
+            continue
         if equals and names.get(key) is not None:
             word = f"{key}={names[key]}"
-        elif index > 0 and names.get(words[index - 1]) is not None and not word.startswith("--"):
-            word = str(names[words[index - 1]])
-        out.append(word)
-    return shlex.join(out)
-
-
-def without_flag(command: str, flag: str) -> str:
-    """`command` less `flag` and its value (`--flag value` or `--flag=value`)."""
-    words, out = shlex.split(command), []
-    for index, word in enumerate(words):
-        if word == flag or word.startswith(f"{flag}=") or (index > 0 and words[index - 1] == flag):
-            continue
+        elif flag_before is not None and names.get(flag_before) is not None:
+            word = str(names[flag_before])
         out.append(word)
     return shlex.join(out)
 
@@ -163,7 +156,7 @@ The validation images are a stratified, seeded {split:.0%} of the training split
 from training; nothing was chosen by them (the model is the one the last step left).
 
 - Hardware: {hardware_line(results)}
-- Command: `{public_command(without_flag(command, "--resume_from_checkpoint"), path_names)}`{resumed}
+- Command: `{public_command(command, path_names, drop=("--resume_from_checkpoint",))}`{resumed}
 - Classes: {", ".join(label_names)}
 
 ## Use
