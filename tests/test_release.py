@@ -2,8 +2,9 @@
 loads without the project's code, classifies the bundled examples, scores on its own validation
 split what its card says, and whose card states what it scored and how it was made.
 
-The release is the earlier design (a 4x4 token grid read by two self-attention blocks); its
-config.json states every architecture setting, so the project's newer defaults do not change it."""
+The release is made by release.sh: configs/release.yaml trained from seed 0, evaluated into its
+card by run_eval.py. Its config.json states every architecture setting, so later defaults do not
+change it."""
 
 import inspect
 import json
@@ -95,27 +96,11 @@ def test_release_card_states_its_score_command_hardware_and_time():
     card = (RELEASE / "README.md").read_text()
     assert f"{results()['eval_accuracy']:.4f}" in card
     assert re.search(r"value: 0\.\d+", card)  # model-index metric
-    assert re.search(r"Command: `python run_train.py --config default\.yaml ", card)
+    assert re.search(r"Command: `python run_train.py --config configs/release\.yaml ", card)
     assert "Hardware:" in card and "training time" in card
-
-
-def test_an_averaged_release_card_gives_the_averaging_command_and_the_average_score():
-    """A model soup's card must say how it was averaged: the command over every averaged model,
-    and the average's own score (averaging.json), which is what all_results.json states. (The
-    averaging script has since left the project; this checks the release's own records agree.)"""
-    record_path = RELEASE / "averaging.json"
-    if not record_path.is_file():
-        pytest.skip("the release is a single run, not an average")
-    record = json.loads(record_path.read_text())
-    card = (RELEASE / "README.md").read_text()
-    command = next(line for line in card.splitlines() if "Command: `python scripts/average_models.py" in line)
-    assert all(model in command for model in record["models"])
-    assert len(re.findall(r"Command: `python run_train.py", card)) >= len(record["models"])
-    assert record["validation"]["average"]["accuracy"] == pytest.approx(results()["eval_accuracy"], abs=1e-4)
-    split = record["validation_split"]
-    assert (split["train_val_split"], split["seed"]) == split_of(RELEASE)  # the split run_eval.py scores it on
-    assert record["bn_images"] > 0 and record["bn_augmentation"]["cutout_size"] == yaml.safe_load(
-        (RELEASE / "train_config.yaml").read_text())["data"]["cutout_size"]
+    evaluation = card[card.index("## Evaluation"):]
+    assert "fitted on this split" in evaluation and "random order" in evaluation and "average map order" in evaluation
+    assert f"{results()['eval_accuracy_flip_tta']:.4f}" in card
 
 
 def test_release_metadata_names_the_hub_dataset_and_its_files_hold_no_local_path():
@@ -127,7 +112,7 @@ def test_release_metadata_names_the_hub_dataset_and_its_files_hold_no_local_path
     (validation,) = [r for r in card.data.eval_results if r.dataset_split == "validation"]
     assert validation.dataset_type == validation.dataset_name == "uoft-cs/cifar10"
     assert validation.metric_value == pytest.approx(results()["eval_accuracy"], abs=1e-4)
-    for name in ("README.md", "train_config.yaml", "averaging.json"):
+    for name in ("README.md", "train_config.yaml"):
         path = RELEASE / name
         if path.is_file():
             text = path.read_text()
@@ -168,22 +153,23 @@ def test_release_scores_on_its_validation_split_what_its_card_says(release_and_v
 
 @needs_cifar10
 def test_release_card_states_the_transformer_health_it_measures(release_and_validation):
-    """The card's health table (accuracy with each block skipped, CLS entropy) holds on the
-    first HEALTH_IMAGES of the same images: skipped-block accuracy within 3 points (2.5
-    standard errors at 92%), entropy within 0.03."""
+    """The card's health table (accuracy each block costs when skipped, CLS entropy) holds on
+    the first HEALTH_IMAGES of the same images: the cost within 3 points (2.5 standard errors
+    at 92%), entropy within 0.03."""
     import transformer_health
     from cifar10_data import DecodedImages, eval_dataloader
 
     model, images, _ = release_and_validation
-    rows = re.findall(r"^\| (\d+) \| ([\d.]+)% \(.*?\) \| [\d.]+% \| ([\d.]+) \|$", (RELEASE / "README.md").read_text(), re.M)
-    assert len(rows) == model.config.num_hidden_layers == 2
+    rows = re.findall(r"^\| block (\d+): accuracy lost when skipped; CLS attention entropy of uniform \| ([\d.]+) points; ([\d.]+) \|$",
+                      (RELEASE / "README.md").read_text(), re.M)
+    assert len(rows) == model.config.num_hidden_layers == 1
     first = DecodedImages(images.images[:HEALTH_IMAGES], images.labels[:HEALTH_IMAGES])
     batches = ((batch["pixel_values"], batch["labels"]) for batch in eval_dataloader(first, 250))
-    health, _ = transformer_health.measure(model, batches)  # three passes per image: the model, and it without each block
+    health, _ = transformer_health.measure(model, batches)  # the model, and it without each block
     assert health["num_samples"] == HEALTH_IMAGES
-    for (block, skipped, entropy), measured in zip(rows, health["blocks"], strict=True):
+    for (block, cost, entropy), measured in zip(rows, health["blocks"], strict=True):
         assert measured["block"] == int(block)
-        assert abs(100 * measured["accuracy_skipped"] - float(skipped)) < 3, (block, measured)
+        assert abs(100 * measured["skip_cost"] - float(cost)) < 3, (block, measured)
         assert abs(measured["cls_entropy_of_uniform"] - float(entropy)) < 0.03, (block, measured)
 
 

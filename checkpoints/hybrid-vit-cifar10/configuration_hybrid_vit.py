@@ -24,18 +24,19 @@ CIFAR10_LABELS = [
 
 class HybridViTConfig(PretrainedConfig):
     r"""
-    Architecture of a [`HybridViTModel`]. Defaults give the model of the project's GPU
-    recipe (`default.yaml`): an airbench-shaped backbone (2x2 patch whitening, then three
-    stages of two 3x3 convolutions, 64, 256 and 256 channels, each pooling after its first
-    convolution) that downsamples 32x32 images by 8 into a 4x4 grid of 16 tokens, and a
-    2-layer, 256-wide encoder: 3.1 M parameters.
+    Architecture of a [`HybridViTModel`]. The defaults are the project's design (1.0 M
+    parameters): an airbench-shaped backbone (a frozen 2x2 patch-whitening convolution, then
+    three stages of two 3x3 convolutions, 48, 96 and 192 channels, each pooling after its first
+    convolution) whose last two stages make 64 tokens, a feature pyramid on the 8x8 grid of
+    the second stage; and one 192-wide class-attention block (CaiT) that reads them from the
+    CLS token.
 
     Args:
         image_size (`int`, *optional*, defaults to 32):
             Height and width of the input images, in pixels.
         num_channels (`int`, *optional*, defaults to 3):
             Number of input channels.
-        backbone_hidden_sizes (`list[int]`, *optional*, defaults to `[64, 256, 256]`):
+        backbone_hidden_sizes (`list[int]`, *optional*, defaults to `[48, 96, 192]`):
             Output channels of each backbone stage. A stage is `backbone_layers_per_stage`
             blocks of conv 3x3 + BatchNorm + activation, followed by a 2x2 max-pool, so the
             backbone downsamples by `2 ** len(backbone_hidden_sizes)`.
@@ -53,7 +54,7 @@ class HybridViTConfig(PretrainedConfig):
             the inverse square root of their eigenvalue, and their negatives. Its weights are
             set from training images by [`HybridViTPreTrainedModel.fit_whitening`] (which
             `run_train.py` calls before training) and saved with the model. 0: no whitening layer.
-        token_stages (`int`, *optional*, defaults to 1):
+        token_stages (`int`, *optional*, defaults to 2):
             How many of the backbone's last stages make the tokens. 1: the last stage's
             grid, one token per `patch_size` square. 2 or more: a feature pyramid (Lin et
             al. 2017) on the grid of the earliest of them, so twice (or more) as fine: each
@@ -65,20 +66,20 @@ class HybridViTConfig(PretrainedConfig):
             downsampling at the first token stage, `2 ** (len(backbone_hidden_sizes) -
             token_stages + 1)` (each stage pools by 2), derived when not given. A given
             value must equal it, and it must divide `image_size`.
-        hidden_size (`int`, *optional*, defaults to 256):
+        hidden_size (`int`, *optional*, defaults to 192):
             Width of the transformer encoder.
-        num_hidden_layers (`int`, *optional*, defaults to 2):
+        num_hidden_layers (`int`, *optional*, defaults to 1):
             Number of transformer blocks. 0 leaves the backbone alone (with `pooling="mean"`):
             global average pooling of its tokens, a layer norm and the linear head, the
             baseline that shows what the transformer adds.
-        class_attention_layers (`int`, *optional*, defaults to 0):
+        class_attention_layers (`int`, *optional*, defaults to 1):
             How many of the `num_hidden_layers` blocks, the last ones, are class-attention
             blocks (CaiT, Touvron et al. 2021): only the CLS token queries, and only it is
             updated, so their projections and MLP run on one token instead of all of them.
             Needs `pooling="cls"`.
-        num_attention_heads (`int`, *optional*, defaults to 4):
+        num_attention_heads (`int`, *optional*, defaults to 3):
             Attention heads per block; must divide `hidden_size`.
-        intermediate_size (`int`, *optional*, defaults to 512):
+        intermediate_size (`int`, *optional*, defaults to 384):
             Hidden width of each block's MLP.
         hidden_act (`str`, *optional*, defaults to `"gelu"`):
             Activation of the MLP and of the backbone (any key of `transformers.activations.ACT2FN`).
@@ -86,7 +87,7 @@ class HybridViTConfig(PretrainedConfig):
             Dropout on embeddings, on attention and MLP outputs, and before the classifier.
         attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):
             Dropout on the attention probabilities.
-        drop_path_rate (`float`, *optional*, defaults to 0.1):
+        drop_path_rate (`float`, *optional*, defaults to 0.0):
             Stochastic depth rate of the last block; it rises linearly from 0 in the first.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the layer norms.
@@ -101,7 +102,7 @@ class HybridViTConfig(PretrainedConfig):
         logit_temperature (`float`, *optional*, defaults to 1.0):
             The classifier's logits are divided by this (temperature scaling, Guo et al.
             2017), so that softmax probabilities match how often the model is right. Set by
-            `run_eval.py --fit_temperature` on the validation split; it never changes which
+            `run_eval.py --save_temperature` on the validation split; it never changes which
             class is predicted. Training starts from 1.
 
     Labels default to the ten CIFAR-10 classes; pass `id2label` / `label2id` (or
@@ -114,21 +115,21 @@ class HybridViTConfig(PretrainedConfig):
         self,
         image_size=32,
         num_channels=3,
-        backbone_hidden_sizes=(64, 256, 256),
+        backbone_hidden_sizes=(48, 96, 192),
         backbone_layers_per_stage=2,
         backbone_pool_first=True,
         backbone_whitening_size=2,
-        token_stages=1,
+        token_stages=2,
         patch_size=None,
-        hidden_size=256,
-        num_hidden_layers=2,
-        class_attention_layers=0,
-        num_attention_heads=4,
-        intermediate_size=512,
+        hidden_size=192,
+        num_hidden_layers=1,
+        class_attention_layers=1,
+        num_attention_heads=3,
+        intermediate_size=384,
         hidden_act="gelu",
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        drop_path_rate=0.1,
+        drop_path_rate=0.0,
         layer_norm_eps=1e-6,
         qkv_bias=True,
         initializer_range=0.02,
@@ -166,6 +167,8 @@ class HybridViTConfig(PretrainedConfig):
         self._validate_architecture()
 
     def _validate_architecture(self):
+        """Every field in range; a bad value raises a ValueError naming it."""
+
         def positive_int(name):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -204,6 +207,10 @@ class HybridViTConfig(PretrainedConfig):
             raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}")
         if isinstance(self.logit_temperature, bool) or not (isinstance(self.logit_temperature, (int, float)) and self.logit_temperature > 0):
             raise ValueError(f"`logit_temperature` must be a positive number, got {self.logit_temperature!r}")
+        self._validate_shape()
+
+    def _validate_shape(self):
+        """The blocks, the pooling and the token grid fit together."""
         layers = self.num_hidden_layers
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
             raise ValueError(f"`num_hidden_layers` must be 0 (the backbone alone) or a positive integer, got {layers!r}")
