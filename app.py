@@ -41,7 +41,7 @@ classifier reads gathers its information from: bright where the model looks most
 
 
 # What the overlay draws. The default is the map that measured most faithful on the release
-# checkpoint (docs/faithfulness.md: deletion and insertion curves, run_eval.py).
+# checkpoint (docs/interpretability.md: deletion and insertion curves, run_eval.py).
 METHODS = {"rollout": "Attention rollout", "relevance": "Gradient-weighted attention relevance for the predicted class"}
 DEFAULT_METHOD = "rollout"
 
