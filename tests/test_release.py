@@ -103,6 +103,19 @@ def test_release_card_states_its_score_command_hardware_and_time():
     assert f"{results()['eval_accuracy_flip_tta']:.4f}" in card
 
 
+def test_release_was_trained_with_the_settings_configs_release_yaml_gives_today():
+    """`./release.sh` remakes the release: every setting it trained with, but the output folder,
+    is what configs/release.yaml gives now, so a change to the recipe must come with a new release."""
+    from training_settings import load_settings
+
+    trained = yaml.safe_load((RELEASE / "train_config.yaml").read_text())
+    today = load_settings(["--config", "configs/release.yaml"]).to_dict()
+    for section, settings in trained.items():
+        for name, value in settings.items():
+            if name != "output_dir":
+                assert value == today[section][name], (section, name, value, today[section][name])
+
+
 def test_release_metadata_names_the_hub_dataset_and_its_files_hold_no_local_path():
     from huggingface_hub import ModelCard
 
