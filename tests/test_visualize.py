@@ -179,7 +179,7 @@ def test_overlay_is_an_rgb_float_image_the_size_of_the_input():
 
 
 def test_a_flat_map_is_drawn_mid_colormap_and_labelled_uniform():
-    """A layer that attends evenly (its queries and keys decayed to zero, as in the release's
+    """A layer that attends evenly (its queries and keys decayed to zero, as in the 4x4 release's
     second layer) gives a flat map. Stretched to its own range it would come out black, the
     look of no attention at all; it is drawn in the colormap's middle and labelled."""
     from matplotlib.figure import Figure
